@@ -1,0 +1,118 @@
+"""Shared fixtures: a real S3-protocol server (moto) on loopback, and save_dir on every backend."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    """moto's S3 server in its own process; its log has one line per HTTP request."""
+
+    endpoint: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def request_count(self) -> int:
+        return sum(1 for line in self.log_path.read_text().splitlines() if ' HTTP/1.1" ' in line)
+
+    def new_bucket(self) -> str:
+        import s3fs
+
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        s3fs.S3FileSystem(endpoint_url=self.endpoint).mkdir(name)
+        return name
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen[bytes], limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)  # polling a readiness endpoint: there is no event to await
+    raise RuntimeError(f"moto server at {url} not ready after {limit_s}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        _wait_until_serving(endpoint, process)
+        yield S3Server(endpoint=endpoint, log_path=log_path, process=process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture
+def s3_save_dir(s3_server: S3Server) -> str:
+    return f"s3://{s3_server.new_bucket()}/run"
+
+
+@pytest.fixture
+def memory_save_dir() -> Iterator[str]:
+    import fsspec
+
+    name = f"memory://test-{uuid.uuid4().hex[:12]}/run"
+    yield name
+    fs = fsspec.filesystem("memory")
+    if fs.exists(name):
+        fs.rm(name, recursive=True)
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def save_dir(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on local disk, memory:// and s3:// (moto)."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    if request.param == "memory":
+        return request.getfixturevalue("memory_save_dir")
+    return request.getfixturevalue("s3_save_dir")

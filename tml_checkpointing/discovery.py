@@ -1,0 +1,227 @@
+"""Finding committed checkpoints under a ``save_dir``: list, pick, follow.
+
+A checkpoint is the directory ``<save_dir>/<step>`` holding a non-empty ``.snapshot_metadata``
+marker (written last, atomically, by :mod:`tml_checkpointing.storage_plugin`). Anything else in
+``save_dir`` -- junk files, temp dirs, half-written checkpoints -- is not a checkpoint and is
+skipped, never fatal. Steps sort as numbers (2 < 10 < 100), not as strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from fsspec import AbstractFileSystem
+from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
+
+from .errors import (
+    CheckpointNotFoundError,
+    InvalidCheckpointPathError,
+    NotACheckpointDirectoryError,
+)
+from .filesystem import StorageOptions, basename, invalidate_listing, is_local, join_url, resolve
+
+logger = logging.getLogger(__name__)
+
+_STEP_NAME = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointPath:
+    """One checkpoint directory, parsed once: ordered by step, compared by step and path."""
+
+    step: int
+    path: str = field(compare=True)
+    committed: bool = field(default=True, compare=False)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def parse_step(name: str) -> int | None:
+    """The step a directory name stands for, or ``None`` when it is not a step number."""
+    return int(name) if _STEP_NAME.fullmatch(name) else None
+
+
+def step_from_checkpoint(checkpoint: str) -> int:
+    """Global step of a checkpoint path or URL (``s3://b/run/100/`` -> ``100``)."""
+    if not isinstance(checkpoint, str):
+        raise InvalidCheckpointPathError(
+            f"expected a checkpoint path string, got {type(checkpoint).__name__}: {checkpoint!r}"
+        )
+    step = parse_step(basename(checkpoint))
+    if step is None:
+        raise InvalidCheckpointPathError(
+            f"{checkpoint!r} is not a checkpoint path: its last component must be a "
+            "non-negative integer step, like <save_dir>/100"
+        )
+    return step
+
+
+def is_committed(checkpoint: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether ``checkpoint`` holds a complete (non-empty) commit marker."""
+    fs, path = resolve(join_url(checkpoint, SNAPSHOT_METADATA_FNAME), storage_options)
+    invalidate_listing(fs, path.rsplit("/", 1)[0])
+    try:
+        return bool(fs.size(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def scan_checkpoints(
+    save_dir: str, storage_options: StorageOptions | None = None
+) -> list[CheckpointPath]:
+    """Every step directory under ``save_dir``, committed or not, sorted by step.
+
+    Uncommitted entries are what a crash or a running writer leaves behind; callers that
+    want to read a checkpoint use :func:`get_checkpoints`, which drops them.
+    """
+    fs, root = resolve(save_dir, storage_options)
+    invalidate_listing(fs, root)
+    found = _scan_local(fs, root) if is_local(fs) else _scan_object_store(fs, root)
+    if found is None:
+        return []
+    return sorted(
+        CheckpointPath(step=step, path=join_url(save_dir, name), committed=committed)
+        for name, (step, committed) in found.items()
+    )
+
+
+def _scan_local(fs: AbstractFileSystem, root: str) -> dict[str, tuple[int, bool]] | None:
+    """On local disk one ``ls`` plus a ``stat`` per step directory is the fastest."""
+    if not fs.exists(root):
+        return None
+    if not fs.isdir(root):
+        raise NotACheckpointDirectoryError(
+            f"save_dir {root!r} is a file, not a directory of checkpoints"
+        )
+    found: dict[str, tuple[int, bool]] = {}
+    for entry in fs.ls(root, detail=True):
+        name = basename(entry["name"])
+        step = parse_step(name)
+        if step is None or entry["type"] != "directory":
+            continue
+        marker = f"{entry['name'].rstrip('/')}/{SNAPSHOT_METADATA_FNAME}"
+        try:
+            committed = fs.size(marker) > 0
+        except FileNotFoundError:
+            committed = False
+        found[name] = (step, committed)
+    return found
+
+
+def _scan_object_store(fs: AbstractFileSystem, root: str) -> dict[str, tuple[int, bool]] | None:
+    """On object stores one recursive listing beats a request per directory.
+
+    Measured against moto with 2,000 checkpoints: ``find`` takes 7 requests, ``ls`` plus an
+    ``exists`` per entry 2,007, and a glob on the marker 2,004.
+    """
+    try:
+        listing = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return None
+    if not listing:
+        if fs.isfile(root):
+            raise NotACheckpointDirectoryError(
+                f"save_dir {root!r} is a file, not a directory of checkpoints"
+            )
+        return None
+    prefix = root.rstrip("/") + "/"
+    found: dict[str, tuple[int, bool]] = {}
+    for key, info in listing.items():
+        if not key.startswith(prefix):
+            continue
+        parts = key[len(prefix) :].split("/")
+        step = parse_step(parts[0])
+        if step is None or len(parts) < 2:
+            continue
+        committed = found.get(parts[0], (step, False))[1] or (
+            len(parts) == 2 and parts[1] == SNAPSHOT_METADATA_FNAME and info.get("size", 0) > 0
+        )
+        found[parts[0]] = (step, committed)
+    return found
+
+
+def list_checkpoints(
+    save_dir: str, storage_options: StorageOptions | None = None
+) -> list[CheckpointPath]:
+    """Committed checkpoints under ``save_dir`` as :class:`CheckpointPath`, oldest first."""
+    return [c for c in scan_checkpoints(save_dir, storage_options) if c.committed]
+
+
+def get_checkpoints(save_dir: str, *, storage_options: StorageOptions | None = None) -> list[str]:
+    """Paths of all fully written checkpoints under ``save_dir``, sorted by step.
+
+    A missing ``save_dir`` has no checkpoints: ``[]``.
+    """
+    return [c.path for c in list_checkpoints(save_dir, storage_options)]
+
+
+def get_checkpoint(
+    save_dir: str,
+    global_step: int | None = None,
+    missing_ok: bool = False,
+    *,
+    storage_options: StorageOptions | None = None,
+) -> str:
+    """The latest committed checkpoint, or the one at ``global_step``.
+
+    When there is none: ``""`` if ``missing_ok``, else :class:`CheckpointNotFoundError`.
+    """
+    checkpoints = list_checkpoints(save_dir, storage_options)
+    if not checkpoints:
+        if missing_ok:
+            logger.info("No checkpoints found in %s.", save_dir)
+            return ""
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint in {save_dir!r} (a checkpoint is a <step> directory "
+            "holding .snapshot_metadata); pass missing_ok=True to start from scratch"
+        )
+    if global_step is None:
+        return checkpoints[-1].path
+    for checkpoint in checkpoints:
+        if checkpoint.step == global_step:
+            return checkpoint.path
+    if missing_ok:
+        return ""
+    steps = ", ".join(str(c.step) for c in checkpoints[-20:])
+    raise CheckpointNotFoundError(
+        f"no committed checkpoint at step {global_step} in {save_dir!r}; "
+        f"committed steps{' (latest 20)' if len(checkpoints) > 20 else ''}: {steps}"
+    )
+
+
+def checkpoints_iterator(
+    save_dir: str,
+    seconds_to_sleep: float = 30,
+    timeout: float = 1800,
+    *,
+    start_after_step: int | None = None,
+    storage_options: StorageOptions | None = None,
+) -> Iterator[str]:
+    """Yield every committed checkpoint under ``save_dir``, in step order, as it appears.
+
+    Unlike the original (and ``tf.train.checkpoints_iterator``), which only looks at the
+    latest checkpoint and so skips any written between two polls, this yields each one.
+    It starts with those already committed (after ``start_after_step``, when given), then
+    polls every ``seconds_to_sleep`` seconds and stops once ``timeout`` seconds pass without
+    anything new. The time the caller spends between two items does not count.
+    """
+    last_step = -1 if start_after_step is None else start_after_step
+    while True:
+        deadline = time.monotonic() + timeout
+        while True:
+            fresh = [c for c in list_checkpoints(save_dir, storage_options) if c.step > last_step]
+            if fresh:
+                break
+            if time.monotonic() + seconds_to_sleep > deadline:
+                logger.info("No new checkpoint in %s for %ss; stopping.", save_dir, timeout)
+                return
+            time.sleep(seconds_to_sleep)
+        for checkpoint in fresh:
+            logger.info("Found checkpoint %s.", checkpoint.path)
+            last_step = checkpoint.step
+            yield checkpoint.path

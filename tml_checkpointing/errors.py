@@ -1,0 +1,64 @@
+"""Every error the library raises on purpose.
+
+All of them derive from :class:`CheckpointError`, so ``except CheckpointError`` catches
+anything this library decided to refuse. Where a built-in exception says the same thing
+(``FileNotFoundError`` for a missing checkpoint, ``ValueError`` for a malformed path), the
+error derives from it too, so code written against the original ``tml`` helpers keeps working.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by ``tml_checkpointing``."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint where one was asked for."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A save would overwrite a checkpoint that is already committed."""
+
+
+class InvalidCheckpointPathError(CheckpointError, ValueError):
+    """A path that cannot name a checkpoint (its last component is not a step number)."""
+
+
+class NotACheckpointDirectoryError(CheckpointError, NotADirectoryError):
+    """``save_dir`` exists but is a file, so it cannot hold checkpoints."""
+
+
+class UnsupportedProtocolError(CheckpointError, ValueError):
+    """The URL's scheme has no fsspec implementation installed."""
+
+
+class SnapshotStateError(CheckpointError, ValueError):
+    """The state given to :class:`~tml_checkpointing.Snapshot` cannot be saved or restored."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed; nothing was committed at that step."""
+
+
+class CheckpointMismatchError(CheckpointError, KeyError):
+    """The checkpoint does not hold what the caller asked to restore."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class SnapshotEntryNotFoundError(CheckpointError, LookupError):
+    """A partial load named an entry the snapshot's manifest does not have."""
+
+
+class InvalidPartitionNameError(CheckpointError, ValueError):
+    """An evaluation partition name that cannot be stored as a done-marker."""
+
+
+class StepTypeError(CheckpointError, TypeError):
+    """``Snapshot.save`` was given something other than an integer step."""
+
+
+class InvalidStepError(CheckpointError, ValueError):
+    """A step number that cannot name a checkpoint (negative)."""

@@ -1,0 +1,149 @@
+"""Per-partition "evaluated" markers, so trainers and evaluators coordinate through storage.
+
+An evaluator that finished checkpoint ``<save_dir>/100`` on partition ``validation`` leaves the
+empty file ``<save_dir>/100/evaled_by/validation_DONE`` (the original tml layout). The markers
+live inside the checkpoint, so they move and get deleted with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .discovery import get_checkpoint, is_committed, step_from_checkpoint
+from .errors import CheckpointNotFoundError, InvalidPartitionNameError
+from .filesystem import StorageOptions, invalidate_listing, join_url, resolve
+
+logger = logging.getLogger(__name__)
+
+EVALUATED_BY = "evaled_by"
+_DONE_SUFFIX = "_DONE"
+
+
+def _validated_partition(partition: str) -> str:
+    if (
+        not isinstance(partition, str)
+        or not partition
+        or "/" in partition
+        or partition
+        in {
+            ".",
+            "..",
+        }
+    ):
+        raise InvalidPartitionNameError(
+            f"evaluation partition name must be a non-empty string without '/', got {partition!r}"
+        )
+    return partition
+
+
+def done_marker_path(checkpoint: str, partition: str) -> str:
+    """Where the done-marker of ``partition`` for ``checkpoint`` lives."""
+    return join_url(checkpoint, EVALUATED_BY, f"{_validated_partition(partition)}{_DONE_SUFFIX}")
+
+
+def mark_done_eval(
+    checkpoint: str, partition: str, *, storage_options: StorageOptions | None = None
+) -> None:
+    """Record that ``partition`` has been evaluated on ``checkpoint``."""
+    marker = done_marker_path(checkpoint, partition)
+    fs, fs_marker = resolve(marker, storage_options)
+    step_from_checkpoint(checkpoint)  # refuse paths that cannot be checkpoints
+    if not is_committed(checkpoint, storage_options):
+        raise CheckpointNotFoundError(
+            f"cannot mark {checkpoint!r} as evaluated on {partition!r}: it is not a committed "
+            "checkpoint"
+        )
+    fs.makedirs(fs_marker.rsplit("/", 1)[0], exist_ok=True)
+    fs.touch(fs_marker)
+
+
+def is_done_eval(
+    checkpoint: str, partition: str, *, storage_options: StorageOptions | None = None
+) -> bool:
+    """Whether ``partition`` has been evaluated on ``checkpoint``."""
+    fs, fs_marker = resolve(done_marker_path(checkpoint, partition), storage_options)
+    invalidate_listing(fs, fs_marker.rsplit("/", 1)[0])
+    return bool(fs.exists(fs_marker))
+
+
+def evaluated_partitions(
+    checkpoint: str, *, storage_options: StorageOptions | None = None
+) -> list[str]:
+    """Names of the partitions that have marked ``checkpoint`` as evaluated, sorted."""
+    fs, directory = resolve(join_url(checkpoint, EVALUATED_BY), storage_options)
+    invalidate_listing(fs, directory)
+    try:
+        names = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        name.rsplit("/", 1)[-1][: -len(_DONE_SUFFIX)]
+        for name in names
+        if name.endswith(_DONE_SUFFIX)
+    )
+
+
+@dataclass(frozen=True)
+class EvaluatorWaitResult:
+    """What :func:`wait_for_evaluators` saw when it returned."""
+
+    checkpoint: str
+    finished: tuple[str, ...]
+    pending: tuple[str, ...]
+
+    @property
+    def all_done(self) -> bool:
+        return not self.pending
+
+    def __bool__(self) -> bool:
+        return self.all_done
+
+
+def wait_for_evaluators(
+    save_dir: str,
+    partition_names: Iterable[str],
+    global_step: int,
+    timeout: float,
+    *,
+    poll_seconds: float = 10,
+    storage_options: StorageOptions | None = None,
+) -> EvaluatorWaitResult:
+    """Wait until every partition has marked the checkpoint at ``global_step`` evaluated.
+
+    Returns on success or after ``timeout`` seconds, with which partitions finished and
+    which did not. The caller's ``partition_names`` is never modified (the original popped
+    from it).
+    """
+    partitions = tuple(dict.fromkeys(_validated_partition(p) for p in partition_names))
+    deadline = time.monotonic() + timeout
+    checkpoint = ""
+    finished: set[str] = set()
+    while True:
+        if not checkpoint:
+            checkpoint = get_checkpoint(
+                save_dir, global_step, missing_ok=True, storage_options=storage_options
+            )
+        if checkpoint:
+            for partition in partitions:
+                if partition not in finished and is_done_eval(
+                    checkpoint, partition, storage_options=storage_options
+                ):
+                    logger.info("Partition %s finished evaluating %s.", partition, checkpoint)
+                    finished.add(partition)
+        pending = tuple(p for p in partitions if p not in finished)
+        if not pending or time.monotonic() + poll_seconds > deadline:
+            break
+        time.sleep(poll_seconds)
+    result = EvaluatorWaitResult(
+        checkpoint=checkpoint or join_url(save_dir, str(global_step)),
+        finished=tuple(p for p in partitions if p in finished),
+        pending=pending,
+    )
+    if pending:
+        logger.warning(
+            "Evaluators not finished on step %s after %ss: %s", global_step, timeout, pending
+        )
+    return result

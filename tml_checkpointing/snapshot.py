@@ -1,0 +1,374 @@
+"""``Snapshot``: save and restore training state as torchsnapshot checkpoints on any fsspec URL.
+
+``Snapshot(save_dir, state).save(step)`` writes ``<save_dir>/<step>`` in the background and
+returns at once; the checkpoint holds the state as it was when ``save`` returned. ``restore``
+brings state, ``step`` and ``walltime`` back. The format is torchsnapshot's, so plain
+``torchsnapshot.Snapshot(path).restore(...)`` reads a local checkpoint written here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable, Mapping, MutableMapping
+from types import TracebackType
+from typing import Any
+
+import torch
+import torchsnapshot
+from torch.nn.parallel import DistributedDataParallel
+from torchsnapshot import RNGState, StateDict
+
+from .discovery import get_checkpoint, is_committed, step_from_checkpoint
+from .errors import (
+    CheckpointExistsError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    InvalidStepError,
+    SnapshotEntryNotFoundError,
+    SnapshotStateError,
+    StepTypeError,
+)
+from .filesystem import StorageOptions, join_url, resolve
+from .storage_plugin import transport_url
+from .torchsnapshot_compat import KeyFilteredSnapshot, in_process_barrier_store
+
+logger = logging.getLogger(__name__)
+
+EXTRA_STATE = "extra_state"
+
+
+class PendingSave:
+    """Handle on a checkpoint being written in the background."""
+
+    def __init__(
+        self, path: str, global_step: int, pending: torchsnapshot.snapshot.PendingSnapshot
+    ) -> None:
+        self.path = path
+        self.global_step = global_step
+        self._pending = pending
+        self._started = time.monotonic()
+
+    def done(self) -> bool:
+        """Whether writing has finished (successfully or not): ``wait`` will not block."""
+        return not self._pending.thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the checkpoint is committed; return its path.
+
+        Raises :class:`CheckpointWriteError` when writing failed (nothing was committed) and
+        ``TimeoutError`` when ``timeout`` seconds pass first.
+        """
+        self._pending.thread.join(timeout)
+        if self._pending.thread.is_alive():
+            raise TimeoutError(f"checkpoint {self.path} still being written after {timeout}s")
+        if self._pending.exc_info is not None:
+            cause = self._pending.exc_info[1]
+            raise CheckpointWriteError(
+                f"saving step {self.global_step} to {self.path} failed, nothing was committed: "
+                f"{type(cause).__name__}: {cause}"
+            ) from cause
+        return self.path
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "writing"
+        return f"PendingSave(path={self.path!r}, {state})"
+
+
+class Snapshot:
+    """Checkpoints a dict of stateful objects (modules, optimizers, ...) with torchsnapshot.
+
+    Args:
+        save_dir: where checkpoints go, as a local path or any fsspec URL
+            (``s3://bucket/run``, ``memory://run``, ``gs://...``).
+        state: ``{name: stateful}``; may also be given later through :attr:`state`.
+        storage_options: passed to the fsspec filesystem (e.g. s3fs ``endpoint_url``).
+
+    ``state`` gains the entry ``extra_state`` holding ``step`` and ``walltime``; the caller's
+    dict is not modified.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        state: Mapping[str, Any] | None = None,
+        *,
+        storage_options: StorageOptions | None = None,
+    ) -> None:
+        resolve(save_dir, storage_options)  # an unknown protocol fails here, not at first save
+        self.save_dir = save_dir
+        self.storage_options: StorageOptions = dict(storage_options or {})
+        self._extra_state = StateDict(step=0, walltime=0.0)
+        self._state: dict[str, Any] = {EXTRA_STATE: self._extra_state}
+        self._pending: PendingSave | None = None
+        if state is not None:
+            self.state = state
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> MutableMapping[str, Any]:
+        """The objects saved and restored, including ``extra_state``."""
+        return self._state
+
+    @state.setter
+    def state(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise SnapshotStateError(
+                f"state must be a dict of stateful objects, got {type(state).__name__}"
+            )
+        for key, value in state.items():
+            if not isinstance(key, str) or not key or "/" in key:
+                raise SnapshotStateError(f"state keys must be non-empty names without '/': {key!r}")
+            if key == EXTRA_STATE:
+                continue
+            if not (hasattr(value, "state_dict") and hasattr(value, "load_state_dict")):
+                raise SnapshotStateError(
+                    f"state[{key!r}] is a {type(value).__name__}, which has no state_dict()/"
+                    "load_state_dict(); wrap plain values in torchsnapshot.StateDict(...)"
+                )
+        if EXTRA_STATE in state:
+            # A dict that already went through a Snapshot (the original tml code mutated it).
+            self._extra_state.update(dict(state[EXTRA_STATE]))
+        self._state = {k: v for k, v in state.items() if k != EXTRA_STATE}
+        self._state[EXTRA_STATE] = self._extra_state
+
+    @property
+    def step(self) -> int:
+        return int(self._extra_state["step"])
+
+    @step.setter
+    def step(self, step: int) -> None:
+        self._extra_state["step"] = step
+
+    @property
+    def walltime(self) -> float:
+        return float(self._extra_state["walltime"])
+
+    @walltime.setter
+    def walltime(self, walltime: float) -> None:
+        self._extra_state["walltime"] = walltime
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, global_step: int) -> PendingSave:
+        """Start writing ``<save_dir>/<global_step>``; return a handle to wait on.
+
+        The checkpoint captures the state as of this call: training may go on and mutate it
+        at once. A save still running from an earlier call is waited for first, so at most
+        one copy of the state is in flight and checkpoints commit in order.
+        """
+        if isinstance(global_step, bool) or not isinstance(global_step, int):
+            raise StepTypeError(
+                f"Snapshot.save(global_step) takes the integer training step, got "
+                f"{type(global_step).__name__}. The state to save is the dict given as "
+                "Snapshot(save_dir, state) (or set through snapshot.state), not an argument "
+                "of save()."
+            )
+        if global_step < 0:
+            raise InvalidStepError(f"global_step must be >= 0, got {global_step}")
+        if len(self._state) == 1:
+            raise SnapshotStateError(
+                "nothing to save: give the objects to checkpoint as Snapshot(save_dir, state) "
+                "or assign snapshot.state = {'model': model, ...} before save()"
+            )
+        self.wait()
+        path = join_url(self.save_dir, str(global_step))
+        if is_committed(path, self.storage_options):
+            raise CheckpointExistsError(
+                f"checkpoint {path} is already committed; refusing to overwrite it. Save under "
+                "another step or another save_dir."
+            )
+        self.step = global_step
+        app_state = {
+            key: value if _must_pass_through(value) else _ConsistentStateful(value)
+            for key, value in self._state.items()
+        }
+        started = time.monotonic()
+        try:
+            with in_process_barrier_store():
+                pending = torchsnapshot.Snapshot.async_take(
+                    path=transport_url(path),
+                    app_state=app_state,
+                    storage_options=self.storage_options,
+                )
+        except Exception as error:
+            raise CheckpointWriteError(
+                f"saving step {global_step} to {path} failed, nothing was committed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        logger.info(
+            "Saving step %s to %s (staged in %.3fs).", global_step, path, time.monotonic() - started
+        )
+        self._pending = PendingSave(path, global_step, pending)
+        return self._pending
+
+    def wait(self) -> str | None:
+        """Wait for the save in flight, if any; return its path."""
+        pending, self._pending = self._pending, None
+        return pending.wait() if pending is not None else None
+
+    def close(self) -> None:
+        """Wait for pending saves (and surface their errors)."""
+        self.wait()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- restoring -------------------------------------------------------------------------
+
+    def restore(self, checkpoint: str, *, keys: Iterable[str] | None = None) -> None:
+        """Restore state, ``step`` and ``walltime`` from a committed checkpoint.
+
+        ``keys`` restores a subset of the state (e.g. ``["model"]`` to warm-start weights);
+        ``step``/``walltime`` come back only when ``extra_state`` is among them. A checkpoint
+        written before ``walltime`` existed restores ``walltime = 0.0``.
+        """
+        self.wait()
+        if not is_committed(checkpoint, self.storage_options):
+            raise CheckpointNotFoundError(
+                f"{checkpoint} is not a committed checkpoint (no .snapshot_metadata); use "
+                "get_checkpoint(save_dir) to find the latest one"
+            )
+        wanted = list(self._state) if keys is None else list(dict.fromkeys(keys))
+        unknown = [key for key in wanted if key not in self._state]
+        if unknown:
+            raise SnapshotStateError(
+                f"cannot restore {unknown}: not in this Snapshot's state {sorted(self._state)}"
+            )
+        snapshot = KeyFilteredSnapshot(
+            transport_url(checkpoint), storage_options=self.storage_options
+        )
+        manifest = snapshot.get_manifest()
+        saved_keys = {path.split("/")[1] for path in manifest if path.count("/") >= 1}
+        missing = [key for key in wanted if key not in saved_keys and key != EXTRA_STATE]
+        if missing:
+            raise CheckpointMismatchError(
+                f"checkpoint {checkpoint} has no {missing} (it holds {sorted(saved_keys)}); "
+                "restore a subset with restore(checkpoint, keys=[...])"
+            )
+        started = time.monotonic()
+        app_state = {key: self._state[key] for key in wanted if key != EXTRA_STATE}
+        saved_extra = StateDict()
+        if EXTRA_STATE in wanted and EXTRA_STATE in saved_keys:
+            app_state[EXTRA_STATE] = saved_extra
+        snapshot.restore(app_state)
+        if EXTRA_STATE in wanted:
+            self.step = int(saved_extra.get("step", step_from_checkpoint(checkpoint)))
+            self.walltime = float(saved_extra.get("walltime", 0.0))
+        logger.info("Restored %s in %.3fs.", checkpoint, time.monotonic() - started)
+
+    # -- reading without a training state --------------------------------------------------
+
+    @classmethod
+    def get_torch_snapshot(
+        cls,
+        snapshot_path: str,
+        global_step: int | None = None,
+        missing_ok: bool = False,
+        *,
+        storage_options: StorageOptions | None = None,
+    ) -> torchsnapshot.Snapshot | None:
+        """A ``torchsnapshot.Snapshot`` of the latest (or ``global_step``) checkpoint, unread.
+
+        ``snapshot_path`` is the save_dir. ``None`` when nothing is found and ``missing_ok``.
+        Its ``.path`` is the internal ``tml-fsspec://`` transport URL.
+        """
+        path = get_checkpoint(
+            snapshot_path, global_step, missing_ok, storage_options=storage_options
+        )
+        if not path:
+            return None
+        logger.info("Loading snapshot from %s.", path)
+        return KeyFilteredSnapshot(transport_url(path), storage_options=storage_options)
+
+    @classmethod
+    def load_snapshot_to_weight(
+        cls,
+        torch_snapshot: torchsnapshot.Snapshot,
+        snapshot_emb_name: str,
+        weight_tensor: torch.Tensor,
+    ) -> None:
+        """Load one tensor of a snapshot (e.g. a pretrained embedding table) in place.
+
+        ``snapshot_emb_name`` is the entry's logical path without the rank
+        (``model/embeddings.weight``) or a unique part of it.
+        """
+        manifest = torch_snapshot.get_manifest()
+        tensors = {
+            path: entry
+            for path, entry in manifest.items()
+            if path.startswith("0/") and getattr(entry, "type", "") in _TENSOR_ENTRY_TYPES
+        }
+        exact = f"0/{snapshot_emb_name.strip('/')}"
+        if exact in tensors:
+            chosen = exact
+        else:
+            matches = [path for path in tensors if snapshot_emb_name in path]
+            if len(matches) != 1:
+                listing = ", ".join(path[2:] for path in sorted(matches or tensors)[:30])
+                problem = "is ambiguous" if matches else "matches no tensor"
+                raise SnapshotEntryNotFoundError(
+                    f"{snapshot_emb_name!r} {problem} in snapshot {torch_snapshot.path}; "
+                    f"{'candidates' if matches else 'tensors it holds'}: {listing or '(none)'}"
+                )
+            chosen = matches[0]
+        entry = tensors[chosen]
+        saved_shape = list(getattr(entry, "shape", []) or [])
+        if saved_shape and list(weight_tensor.shape) != saved_shape:
+            raise SnapshotStateError(
+                f"{chosen[2:]} has shape {saved_shape} in the snapshot, but the target tensor "
+                f"has shape {list(weight_tensor.shape)}"
+            )
+        started = time.monotonic()
+        torch_snapshot.read_object(chosen, obj_out=weight_tensor)
+        logger.info("Loaded %s in %.3fs.", chosen, time.monotonic() - started)
+
+
+_TENSOR_ENTRY_TYPES = {"Tensor", "ShardedTensor", "ChunkedTensor", "DTensor"}
+
+
+def _must_pass_through(value: Any) -> bool:
+    """torchsnapshot inspects these types itself (RNG ordering, DDP replication)."""
+    return isinstance(value, RNGState | DistributedDataParallel)
+
+
+class _ConsistentStateful:
+    """Makes a save independent of later in-place changes to non-tensor state.
+
+    torchsnapshot copies tensors before ``async_take`` returns, but pickles other leaves
+    (lists, numpy arrays, custom objects) later, in the background. Copying those leaves at
+    save time keeps the promise that the checkpoint is the state as of ``save``.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def state_dict(self) -> Any:
+        state_dict = self._inner.state_dict()
+        keep_tensors = {id(t): t for t in _tensors_in(state_dict)}
+        return copy.deepcopy(state_dict, memo=keep_tensors)
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        self._inner.load_state_dict(state_dict)
+
+
+def _tensors_in(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors_in(item)
