@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
+
+# Imported here, before any test starts a background thread: CPython 3.11.7's AST validator
+# keeps its recursion counter per interpreter, and pytest's assertion rewriting of hypothesis
+# (a pytest plugin, imported lazily at session end otherwise) can then fail with
+# "SystemError: AST constructor recursion depth mismatch".
 
 
 def free_port() -> int:

@@ -235,18 +235,17 @@ def test_failed_staging_commits_nothing(save_dir: str) -> None:
 
 def test_failed_background_write_commits_nothing(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a directory should be")
-    pending = Snapshot(str(tmp_path / "blocker" / "run"), make_state()).save(3)
+    snapshot = Snapshot(str(tmp_path / "blocker" / "run"), make_state())
+    # torchsnapshot may start writing before save() returns: the error surfaces in either.
     with pytest.raises(CheckpointWriteError, match="nothing was committed") as caught:
-        pending.wait()
+        snapshot.save(3).wait()
     assert isinstance(caught.value, OSError)
-    assert pending.done()
 
 
 def test_failed_s3_write_commits_nothing(s3_server: Any) -> None:
     save_dir = "s3://no-such-bucket-here/run"
-    pending = Snapshot(save_dir, make_state()).save(3)
     with pytest.raises(CheckpointWriteError, match="nothing was committed"):
-        pending.wait()
+        Snapshot(save_dir, make_state()).save(3).wait()
     assert get_checkpoints(save_dir) == []
 
 
