@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -15,6 +20,17 @@ from pathlib import Path
 
 import hypothesis  # noqa: F401  (see below)
 import pytest
+
+# Prefect reads these when first imported (test modules import flows at collection): one
+# private PREFECT_HOME per test session, no analytics (no internet here), generous startup.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="tml-tests-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
+os.environ.update(
+    PREFECT_HOME=_PREFECT_HOME,
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.3",
+)
 
 # Imported here, before any test starts a background thread: CPython 3.11.7's AST validator
 # keeps its recursion counter per interpreter, and pytest's assertion rewriting of hypothesis
@@ -122,3 +138,90 @@ def save_dir(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
         return request.getfixturevalue("memory_save_dir")
     return request.getfixturevalue("s3_save_dir")
+
+
+@dataclass
+class PrefectServer:
+    """One real ``prefect server start`` on loopback for the whole test session."""
+
+    api_url: str
+    process: subprocess.Popen[bytes]
+
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses (CLI runs, workers) that should use this server."""
+        return {**os.environ, "PREFECT_API_URL": self.api_url}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    log_path = tmp_path_factory.mktemp("prefect") / "server.log"
+    env = {**os.environ, "PREFECT_UI_API_URL": api_url, "PREFECT_SERVER_UI_ENABLED": "true"}
+    env.pop("PREFECT_API_URL", None)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--analytics-off",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its uvicorn children share the group: one killpg ends all
+        )
+    try:
+        _wait_until_healthy(f"{api_url}/health", process, log_path)
+        yield PrefectServer(api_url=api_url, process=process)
+    finally:
+        _stop_group(process)
+
+
+def _wait_until_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"prefect server exited early:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)  # polling a readiness endpoint: there is no event to await
+    raise RuntimeError(f"prefect server not healthy after 120s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    with contextlib.suppress(ProcessLookupError):  # nothing of the group may survive
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
+    """Run flows in this process against the session's server, without heartbeat waits."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+
+    with temporary_settings(
+        updates={PREFECT_API_URL: prefect_server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    ):
+        yield prefect_server

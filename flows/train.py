@@ -1,0 +1,141 @@
+"""The ``train`` flow: epochs as Prefect tasks over one in-process model, resumable anywhere.
+
+At start, ``get_checkpoint(save_dir)`` says where the run stands; completed epochs show up as
+"Skipped" task runs, a checkpoint taken mid-epoch resumes at the right batch, and a run whose
+final checkpoint exists finishes at once. Parameters are flat keyword arguments so that
+``prefect deployment run 'train/train' --param epochs=3`` and the UI's run form work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from pydantic import BaseModel
+
+from recipes.base import DEFAULT_RECIPE
+from tasks.training import DEFAULT_TASK_RETRIES, train_epoch_task
+from tml_checkpointing import get_checkpoint
+from training.config import TrainConfig
+from training.loop import EpochResult, set_deterministic
+from training.session import close_session
+
+
+class TrainResult(BaseModel):
+    """What a training run reports (also the CLI's ``--json`` output)."""
+
+    save_dir: str
+    final_step: int
+    checkpoint: str
+    resumed_from: str
+    epochs_run: list[int]
+    epochs_skipped: list[int]
+    epochs: list[EpochResult]
+
+
+@flow(name="train")
+def train(
+    save_dir: str,
+    epochs: int = 3,
+    steps_per_epoch: int = 20,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoint_every_steps: int = 0,
+    recipe: str = DEFAULT_RECIPE,
+    initial_checkpoint: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    fail_at_step: int | None = None,
+    epoch_retries: int = DEFAULT_TASK_RETRIES,
+) -> TrainResult:
+    """Train ``epochs`` epochs into ``save_dir``, resuming from its newest checkpoint.
+
+    ``epoch_retries``: how often a failed epoch is retried (each retry first restores the
+    newest committed checkpoint). ``fail_at_step`` injects one failure, to watch that happen.
+    """
+    config = TrainConfig(
+        save_dir=save_dir,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every_steps=checkpoint_every_steps,
+        recipe=recipe,
+        initial_checkpoint=initial_checkpoint,
+        storage_options=storage_options,
+        fail_at_step=fail_at_step,
+    )
+    return run_training(config, epoch_retries=epoch_retries)
+
+
+def run_training(config: TrainConfig, epoch_retries: int = DEFAULT_TASK_RETRIES) -> TrainResult:
+    """The flow's body (a plain function of the config, called inside the flow run)."""
+    logger = get_run_logger()
+    set_deterministic()
+    resumed_from = get_checkpoint(
+        config.save_dir, missing_ok=True, storage_options=config.storage_options
+    )
+    logger.info(
+        "Run %s: %s", config.save_dir, f"resuming from {resumed_from}" if resumed_from else "fresh"
+    )
+    progress = create_progress_artifact(progress=0.0, description=f"epochs of {config.save_dir}")
+    results: list[EpochResult] = []
+    epoch_task = train_epoch_task.with_options(retries=epoch_retries)
+    try:
+        for epoch in range(config.epochs):
+            # A skipped epoch returns a "Skipped" state; .result() gives its data either way.
+            state = epoch_task(config, epoch, return_state=True)
+            results.append(state.result())
+            update_progress_artifact(progress, progress=100.0 * (epoch + 1) / config.epochs)
+    finally:
+        close_session(config)
+    result = TrainResult(
+        save_dir=config.save_dir,
+        final_step=results[-1].last_step,
+        checkpoint=results[-1].checkpoint,
+        resumed_from=resumed_from,
+        epochs_run=[r.epoch for r in results if r.status == "trained"],
+        epochs_skipped=[r.epoch for r in results if r.status == "skipped"],
+        epochs=results,
+    )
+    _publish(result)
+    return result
+
+
+def _publish(result: TrainResult) -> None:
+    create_table_artifact(
+        key="train-epochs",
+        table=[
+            {
+                "epoch": r.epoch,
+                "status": r.status,
+                "steps": f"{r.first_step}-{r.last_step}",
+                "steps run": r.steps_run,
+                "mean loss": None if r.mean_loss is None else round(r.mean_loss, 5),
+                "steps/s": None if r.steps_per_second is None else round(r.steps_per_second, 1),
+                "checkpoint": r.checkpoint,
+            }
+            for r in result.epochs
+        ],
+        description=f"Epochs of {result.save_dir}",
+    )
+    skipped = ", ".join(map(str, result.epochs_skipped)) or "none"
+    create_markdown_artifact(
+        key="train-summary",
+        markdown=(
+            f"# Training run `{result.save_dir}`\n\n"
+            f"- resumed from: `{result.resumed_from or 'scratch'}`\n"
+            f"- epochs trained: {', '.join(map(str, result.epochs_run)) or 'none'}\n"
+            f"- epochs skipped (restored from checkpoint): {skipped}\n"
+            f"- final step: {result.final_step}\n"
+            f"- final checkpoint: `{result.checkpoint}`\n"
+        ),
+        description="Training summary",
+    )

@@ -1,0 +1,42 @@
+"""Prefect task for one training epoch: a thin wrapper over :func:`training.loop.train_epoch`.
+
+Parameters are the run's config and the epoch number; the model lives in the process
+(:mod:`training.session`). The result is the epoch's committed checkpoint path and metrics.
+Completed epochs come back as a COMPLETED state named "Skipped", so the Prefect UI shows
+what a resumed run did not redo instead of leaving it out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from training.config import TrainConfig
+from training.loop import EpochResult, train_epoch
+from training.session import get_session
+
+DEFAULT_TASK_RETRIES = 2
+
+
+@task(
+    name="train-epoch",
+    task_run_name="epoch-{epoch}",
+    retries=DEFAULT_TASK_RETRIES,
+    retry_delay_seconds=0,
+    # The checkpoint directory decides what is done; Prefect's cache could outlive or
+    # predate the files (and would hash the config on every call for nothing).
+    cache_policy=NO_CACHE,
+)
+def train_epoch_task(config: TrainConfig, epoch: int) -> Any:
+    logger = get_run_logger()
+    result: EpochResult = train_epoch(get_session(config), epoch, log=logger.info)
+    if result.status == "skipped":
+        return Completed(
+            name="Skipped",
+            message=f"epoch {epoch} restored from checkpoint (step {result.resumed_from_step})",
+            data=result,
+        )
+    return result

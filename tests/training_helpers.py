@@ -1,0 +1,42 @@
+"""Helpers shared by the training tests: reference runs and tensor-by-tensor comparison."""
+
+from __future__ import annotations
+
+import torch
+
+from tml_checkpointing import Snapshot
+from training.config import TrainConfig
+from training.loop import EpochResult, set_deterministic, train_epoch
+from training.session import close_session, get_session
+
+
+def plain_run(config: TrainConfig, epochs: range | None = None) -> list[EpochResult]:
+    """Train with the plain functions only (no Prefect): the reference behaviour."""
+    set_deterministic()
+    try:
+        session = get_session(config)
+        return [train_epoch(session, epoch) for epoch in epochs or range(config.epochs)]
+    finally:
+        close_session(config)
+
+
+def checkpoint_tensors(save_dir: str, step: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (model, optimizer, RNG), by logical path."""
+    snapshot = Snapshot.get_torch_snapshot(save_dir, global_step=step)
+    assert snapshot is not None, f"no checkpoint in {save_dir}"
+    manifest = snapshot.get_manifest()
+    return {
+        path: snapshot.read_object(path)
+        for path, entry in manifest.items()
+        if getattr(entry, "type", "") == "Tensor"
+    }
+
+
+def assert_bit_identical(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> None:
+    assert actual.keys() == expected.keys()
+    assert any(k.startswith("0/model/") for k in expected)
+    assert any(k.startswith("0/optimizer/") for k in expected)
+    different = [k for k in expected if not torch.equal(actual[k], expected[k])]
+    assert not different, f"tensors differ: {different[:10]}"

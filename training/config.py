@@ -1,0 +1,56 @@
+"""Training parameters, validated once (pydantic) and shared by the flow, tasks and loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from recipes.base import DEFAULT_RECIPE, RecipeParams
+
+
+class TrainConfig(BaseModel):
+    """Everything that determines a training run's result (plus where it is stored)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    save_dir: str = Field(min_length=1, description="checkpoint directory: path or fsspec URL")
+    epochs: int = Field(ge=1)
+    steps_per_epoch: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    seed: int = 0
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="0 = once per epoch")
+    recipe: str = DEFAULT_RECIPE
+    initial_checkpoint: str | None = Field(
+        default=None, description="warm start: restore weights only from here, step starts at 0"
+    )
+    storage_options: dict[str, Any] | None = None
+    fail_at_step: int | None = Field(
+        default=None, ge=1, description="inject one failure when this step is reached (tests)"
+    )
+
+    @model_validator(mode="after")
+    def _initial_checkpoint_not_inside_save_dir(self) -> TrainConfig:
+        if self.initial_checkpoint and self.initial_checkpoint.rstrip("/").startswith(
+            self.save_dir.rstrip("/") + "/"
+        ):
+            raise ValueError(
+                "initial_checkpoint is inside save_dir: resume from save_dir instead of "
+                "warm-starting from it"
+            )
+        return self
+
+    @property
+    def final_step(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def epoch_steps(self, epoch: int) -> tuple[int, int]:
+        """First and last global step of ``epoch`` (steps count from 1)."""
+        return epoch * self.steps_per_epoch + 1, (epoch + 1) * self.steps_per_epoch
+
+    def epoch_of_step(self, step: int) -> int:
+        return (step - 1) // self.steps_per_epoch if step > 0 else 0
+
+    def recipe_params(self) -> RecipeParams:
+        return RecipeParams(seed=self.seed, batch_size=self.batch_size, lr=self.lr)

@@ -1,0 +1,137 @@
+"""One training epoch as a plain function: resume-aware, deterministic, checkpointing.
+
+Global steps count from 1; epoch ``e`` covers steps ``e*K+1 .. (e+1)*K`` (K = steps per
+epoch) and always ends with a committed checkpoint at ``(e+1)*K``. Batch ``i`` of epoch ``e``
+is ``recipe.train_batch(e, i)``, a pure function of (seed, epoch, index), and the RNG state is
+in every checkpoint, so a run resumed from any checkpoint continues bit for bit as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel
+
+from tml_checkpointing import CheckpointWriteError, join_url
+
+from .session import TrainingSession
+
+logger = logging.getLogger(__name__)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once per process at ``fail_at_step``, to demonstrate retries."""
+
+
+class EpochResult(BaseModel):
+    """What a training epoch reports (small: goes through Prefect as a task result)."""
+
+    epoch: int
+    status: Literal["trained", "skipped"]
+    checkpoint: str
+    first_step: int
+    last_step: int
+    resumed_from_step: int
+    steps_run: int = 0
+    mean_loss: float | None = None
+    steps_per_second: float | None = None
+    seconds: float = 0.0
+
+
+def train_epoch(
+    session: TrainingSession, epoch: int, log: Callable[[str], object] = logger.info
+) -> EpochResult:
+    """Train ``epoch`` from wherever the checkpoint directory says it stands.
+
+    Skips at once (without restoring anything) when a checkpoint at or past the epoch's end
+    is already committed; otherwise restores the newest checkpoint unless the in-memory state
+    is exactly it, trains the remaining steps and returns once the epoch's final checkpoint is
+    committed.
+    """
+    config = session.config
+    first, last = config.epoch_steps(epoch)
+    checkpoint = join_url(config.save_dir, str(last))
+    latest_step = session.latest_step()
+    if latest_step >= last:
+        log(f"epoch {epoch}: skipped, checkpoint at step {latest_step} covers steps {first}-{last}")
+        return EpochResult(
+            epoch=epoch,
+            status="skipped",
+            checkpoint=checkpoint,
+            first_step=first,
+            last_step=last,
+            resumed_from_step=latest_step,
+        )
+
+    resumed_from = session.sync_with_storage()
+    start = max(first, resumed_from + 1)
+    model, optimizer, snapshot = session.recipe.model, session.recipe.optimizer, session.snapshot
+    model.train()
+    losses: list[float] = []
+    started = time.perf_counter()
+    session.synced_step = None  # from here on, memory is ahead of storage
+    session.pristine = False
+    try:
+        for step in range(start, last + 1):
+            _maybe_inject_failure(session, step)
+            batch = session.recipe.train_batch(epoch, step - first)
+            optimizer.zero_grad(set_to_none=True)
+            loss = session.recipe.loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            every = config.checkpoint_every_steps
+            if step < last and every and step % every == 0:
+                snapshot.walltime += time.perf_counter() - started
+                snapshot.save(step)
+                log(f"epoch {epoch}: saving mid-epoch checkpoint at step {step}")
+        snapshot.walltime += time.perf_counter() - started
+        snapshot.save(last)
+        snapshot.wait()
+    except BaseException:
+        _drain_pending_save(session)
+        raise
+    session.synced_step = last
+    seconds = time.perf_counter() - started
+    result = EpochResult(
+        epoch=epoch,
+        status="trained",
+        checkpoint=checkpoint,
+        first_step=first,
+        last_step=last,
+        resumed_from_step=resumed_from,
+        steps_run=len(losses),
+        mean_loss=sum(losses) / len(losses),
+        steps_per_second=len(losses) / seconds if seconds > 0 else None,
+        seconds=seconds,
+    )
+    log(
+        f"epoch {epoch}: steps {start}-{last} loss {result.mean_loss:.4f} "
+        f"{result.steps_per_second or 0:.1f} steps/s -> {checkpoint}"
+        + (f" (resumed from step {resumed_from})" if resumed_from >= first else "")
+    )
+    return result
+
+
+def _maybe_inject_failure(session: TrainingSession, step: int) -> None:
+    if session.config.fail_at_step == step and step not in session.injected_failures:
+        session.injected_failures.add(step)
+        raise InjectedFailure(f"injected failure at step {step} (fail_at_step)")
+
+
+def _drain_pending_save(session: TrainingSession) -> None:
+    """Let an in-flight save finish (or fail) so a retry sees a settled directory."""
+    try:
+        session.snapshot.wait()
+    except CheckpointWriteError as error:
+        logger.warning("A pending save failed while handling another error: %s", error)
+
+
+def set_deterministic() -> None:
+    """Bit-identical results across processes need deterministic kernels."""
+    torch.use_deterministic_algorithms(True, warn_only=True)

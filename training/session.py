@@ -1,0 +1,99 @@
+"""The in-process training state of one run, and its agreement with the checkpoint directory.
+
+Prefect tasks receive config and return small results; the model and optimizer live here, in
+the process, looked up by the run's config. The checkpoint directory is the one source of
+truth: a session knows at which committed step its in-memory state is exact
+(``synced_step``), and anything else -- a fresh process, a task retry after a failure
+half-way through an epoch -- restores the newest committed checkpoint first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from torchsnapshot import RNGState
+
+from recipes.base import Recipe, load_recipe
+from tml_checkpointing import Snapshot, get_checkpoint, step_from_checkpoint
+
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingSession:
+    """Model, optimizer and Snapshot of one run, built from its recipe."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.synced_step: int | None = None
+        self.injected_failures: set[int] = set()
+        self.pristine = True  # state is exactly what the recipe built (nothing trained yet)
+        self._build()
+
+    def _build(self) -> None:
+        self.pristine = True
+        self.recipe: Recipe = load_recipe(self.config.recipe)(self.config.recipe_params())
+        self.snapshot = Snapshot(
+            self.config.save_dir,
+            {"model": self.recipe.model, "optimizer": self.recipe.optimizer, "rng": RNGState()},
+            storage_options=self.config.storage_options,
+        )
+
+    def latest_checkpoint(self) -> str:
+        return get_checkpoint(
+            self.config.save_dir, missing_ok=True, storage_options=self.config.storage_options
+        )
+
+    def latest_step(self) -> int:
+        latest = self.latest_checkpoint()
+        return step_from_checkpoint(latest) if latest else 0
+
+    def sync_with_storage(self) -> int:
+        """Make the in-memory state exactly the newest committed checkpoint; return its step.
+
+        With no checkpoint yet, that is the recipe's fresh state (warm-started from
+        ``initial_checkpoint`` when given), rebuilt if this session already trained.
+        """
+        latest = self.latest_checkpoint()
+        step = step_from_checkpoint(latest) if latest else 0
+        if self.synced_step == step:
+            return step
+        if latest:
+            logger.info("Restoring %s.", latest)
+            self.snapshot.restore(latest)
+        else:
+            if not self.pristine:
+                self._build()
+            if self.config.initial_checkpoint:
+                logger.info("Warm start: weights from %s.", self.config.initial_checkpoint)
+                self.snapshot.restore(self.config.initial_checkpoint, keys=["model"])
+        self.snapshot.step = step
+        self.synced_step = step
+        return step
+
+    def close(self) -> None:
+        self.snapshot.close()
+
+
+_sessions: dict[str, TrainingSession] = {}
+_sessions_lock = threading.Lock()
+
+
+def get_session(config: TrainConfig) -> TrainingSession:
+    """The session of this run in this process (created on first use)."""
+    key = config.model_dump_json()
+    with _sessions_lock:
+        session = _sessions.get(key)
+        if session is None:
+            session = _sessions[key] = TrainingSession(config)
+        return session
+
+
+def close_session(config: TrainConfig) -> None:
+    """Wait for the run's pending saves and forget its in-memory state."""
+    with _sessions_lock:
+        session = _sessions.pop(config.model_dump_json(), None)
+    if session is not None:
+        session.close()
