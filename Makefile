@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: train 3 epochs with one injected failure (watch the retry), then run the same
+# command again: it resumes from the checkpoint directory and skips every epoch.
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	@dir=$$(mktemp -d /tmp/tml-demo-XXXXXX); \
+	echo "== training into $$dir/run (failure injected at step 50: the epoch is retried)"; \
+	$(BIN)/tml train --save-dir $$dir/run --epochs 3 --steps-per-epoch 20 --checkpoint-every-steps 10 \
+	  --fail-at-step 50 && \
+	echo "== same command again: resumes, nothing left to train" && \
+	$(BIN)/tml train --save-dir $$dir/run --epochs 3 --steps-per-epoch 20 --checkpoint-every-steps 10 && \
+	$(BIN)/tml checkpoints list $$dir/run
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_save_restore.py --size-mb 512 --repeat 3
+	$(BIN)/python benchmarks/bench_flow_overhead.py --short 2 --long 12 --repeat 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
