@@ -1,10 +1,35 @@
-"""The ``evaluate`` flow: follow a training run and evaluate every new checkpoint once."""
+"""The ``evaluate`` flow: follow a training run and evaluate every new checkpoint once.
+
+It walks ``checkpoints_iterator`` (every committed checkpoint in step order, not just the
+latest, so none written between two polls is skipped), evaluates each on the partition's
+deterministic eval data in a fresh model, publishes the metrics as artifacts and next to the
+checkpoint, and marks it done. It stops after the run's final checkpoint (from ``run.json``)
+or after ``timeout`` seconds with nothing new. Restart-safe: done checkpoints are "Skipped".
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
+
+from tasks.evaluation import evaluate_checkpoint_task
+from tml_checkpointing import checkpoints_iterator, step_from_checkpoint
+from training.evaluation import EvalConfig, EvalResult
+from training.run_info import RunInfoMissingError, read_run_info
+
+
+class EvalSummary(BaseModel):
+    save_dir: str
+    partition: str
+    evaluated: list[int]
+    skipped: list[int]
+    final_step: int | None
+    reached_final: bool
+    results: list[EvalResult]
 
 
 @flow(name="evaluate")
@@ -15,6 +40,89 @@ def evaluate(
     timeout: float = 1800,
     poll_seconds: float = 10,
     storage_options: dict[str, Any] | None = None,
-) -> Any:
+) -> EvalSummary:
     """Evaluate each committed checkpoint of ``save_dir`` on ``partition`` (in step order)."""
-    raise NotImplementedError("being written")
+    config = EvalConfig(
+        save_dir=save_dir,
+        partition=partition,
+        eval_steps=eval_steps,
+        timeout=timeout,
+        poll_seconds=poll_seconds,
+        storage_options=storage_options,
+    )
+    return follow_and_evaluate(config)
+
+
+def follow_and_evaluate(config: EvalConfig) -> EvalSummary:
+    logger = get_run_logger()
+    results: list[EvalResult] = []
+    final_step: int | None = None
+    for checkpoint in checkpoints_iterator(
+        config.save_dir,
+        seconds_to_sleep=config.poll_seconds,
+        timeout=config.timeout,
+        storage_options=config.storage_options,
+    ):
+        step = step_from_checkpoint(checkpoint)
+        state = evaluate_checkpoint_task(config, checkpoint, step, return_state=True)
+        result: EvalResult = state.result()
+        results.append(result)
+        if result.status == "evaluated":
+            _publish_checkpoint_metrics(result)
+        final_step = _final_step(config)
+        if final_step is not None and step >= final_step:
+            logger.info("Evaluated the run's final checkpoint (step %s); done.", step)
+            break
+    else:
+        logger.warning("No new checkpoint for %ss; stopping (timeout).", config.timeout)
+    summary = EvalSummary(
+        save_dir=config.save_dir,
+        partition=config.partition,
+        evaluated=[r.step for r in results if r.status == "evaluated"],
+        skipped=[r.step for r in results if r.status == "skipped"],
+        final_step=final_step,
+        reached_final=bool(results) and final_step is not None and results[-1].step >= final_step,
+        results=results,
+    )
+    _publish_summary(summary)
+    return summary
+
+
+def _final_step(config: EvalConfig) -> int | None:
+    try:
+        return read_run_info(config.save_dir, config.storage_options).final_step
+    except RunInfoMissingError:
+        return None
+
+
+def _artifact_key(*parts: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def _publish_checkpoint_metrics(result: EvalResult) -> None:
+    create_table_artifact(
+        key=_artifact_key("eval", result.partition),
+        table=[
+            {"metric": name, "value": round(value, 6)}
+            for name, value in sorted(result.metrics.items())
+        ],
+        description=f"{result.partition} metrics of {result.checkpoint}",
+    )
+
+
+def _publish_summary(summary: EvalSummary) -> None:
+    rows = "\n".join(
+        f"| {r.step} | {r.status} | {r.metrics.get('loss', float('nan')):.4f} "
+        f"| `{r.metrics_path}` |"
+        for r in summary.results
+    )
+    create_markdown_artifact(
+        key=_artifact_key("eval-summary", summary.partition),
+        markdown=(
+            f"# Evaluation of `{summary.save_dir}` on `{summary.partition}`\n\n"
+            f"Reached the final checkpoint: {summary.reached_final}\n\n"
+            "| step | status | loss | metrics |\n|---|---|---|---|\n" + rows + "\n"
+        ),
+        description=f"{summary.partition} evaluation summary",
+    )

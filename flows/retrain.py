@@ -1,12 +1,41 @@
-"""The ``retrain`` flow: a new dated run, warm-started from the previous run's latest weights."""
+"""The ``retrain`` flow: a new dated run, warm-started from the previous run's latest weights.
+
+Meant for a schedule (``retrain-nightly`` in prefect.yaml). Each run gets its own directory
+``<runs_dir>/<UTC date-time of the scheduled start>``, so a retry of the same scheduled run
+lands in the same directory and resumes instead of starting over. The lineage (previous run,
+checkpoint used for the warm start) is decided once, written to ``<run_dir>/lineage.json``
+before training, and reused on resume: a resumed retrain warm-starts from exactly the same
+weights. The first run ever starts from scratch.
+"""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel
 
+from flows.evaluate import evaluate
+from flows.train import train
 from recipes.base import DEFAULT_RECIPE
+from tml_checkpointing import get_checkpoint, join_url
+from tml_checkpointing.filesystem import StorageOptions, resolve
+
+LINEAGE_NAME = "lineage.json"
+
+
+class Lineage(BaseModel):
+    run_dir: str
+    previous_run: str | None
+    warm_start_checkpoint: str | None
+    flow_run_id: str | None = None
+    created_at: str
+    final_checkpoint: str | None = None
+    metrics: dict[str, dict[str, float]] = {}
 
 
 @flow(name="retrain")
@@ -22,6 +51,110 @@ def retrain(
     eval_steps: int = 10,
     storage_options: dict[str, Any] | None = None,
     run_name: str | None = None,
-) -> Any:
+) -> Lineage:
     """Train a new run under ``runs_dir``, warm-started from the previous one, and evaluate it."""
-    raise NotImplementedError("being written")
+    logger = get_run_logger()
+    partitions = ["validation"] if eval_partitions is None else eval_partitions
+    name = run_name or dated_run_name(flow_run.get_scheduled_start_time())
+    run_dir = join_url(runs_dir, name)
+    lineage = read_lineage(run_dir, storage_options)
+    if lineage is None:
+        previous = previous_run(runs_dir, name, storage_options)
+        lineage = Lineage(
+            run_dir=run_dir,
+            previous_run=previous,
+            warm_start_checkpoint=get_checkpoint(
+                previous, missing_ok=True, storage_options=storage_options
+            )
+            or None
+            if previous
+            else None,
+            flow_run_id=str(flow_run.get_id()),
+            created_at=datetime.now(UTC).isoformat(),
+        )
+        write_lineage(lineage, storage_options)
+    logger.info(
+        "Run %s: %s", run_dir, f"warm start from {lineage.warm_start_checkpoint}"
+        if lineage.warm_start_checkpoint else "first run, from scratch"
+    )  # fmt: skip
+    trained = train(
+        save_dir=run_dir,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        recipe=recipe,
+        initial_checkpoint=lineage.warm_start_checkpoint,
+        storage_options=storage_options,
+    )
+    lineage.final_checkpoint = trained.checkpoint
+    for partition in partitions:
+        summary = evaluate(
+            save_dir=run_dir,
+            partition=partition,
+            eval_steps=eval_steps,
+            timeout=60,
+            poll_seconds=1,
+            storage_options=storage_options,
+        )
+        final = [r for r in summary.results if r.checkpoint == trained.checkpoint]
+        if final:
+            lineage.metrics[partition] = final[0].metrics
+    write_lineage(lineage, storage_options)
+    create_markdown_artifact(
+        key="retrain-lineage",
+        markdown=(
+            f"# Retraining `{run_dir}`\n\n"
+            f"- previous run: `{lineage.previous_run or 'none (first run)'}`\n"
+            f"- warm start from: `{lineage.warm_start_checkpoint or 'scratch'}`\n"
+            f"- final checkpoint: `{lineage.final_checkpoint}`\n"
+            + "".join(
+                f"- {partition} loss: {metrics.get('loss', float('nan')):.4f}\n"
+                for partition, metrics in lineage.metrics.items()
+            )
+        ),
+        description="Retraining lineage",
+    )
+    return lineage
+
+
+def dated_run_name(when: datetime | None) -> str:
+    """Sortable UTC name of a run, from its scheduled start (stable across retries)."""
+    moment = (when or datetime.now(UTC)).astimezone(UTC)
+    return moment.strftime("%Y%m%dT%H%M%SZ")
+
+
+def previous_run(
+    runs_dir: str, current_name: str, storage_options: StorageOptions | None = None
+) -> str | None:
+    """The newest run before ``current_name`` that has a committed checkpoint."""
+    fs, root = resolve(runs_dir, storage_options)
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return None
+    names = sorted(
+        entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        for entry in entries
+        if entry["type"] == "directory"
+    )
+    for name in reversed([n for n in names if n < current_name]):
+        candidate = join_url(runs_dir, name)
+        if get_checkpoint(candidate, missing_ok=True, storage_options=storage_options):
+            return candidate
+    return None
+
+
+def read_lineage(run_dir: str, storage_options: StorageOptions | None = None) -> Lineage | None:
+    fs, path = resolve(join_url(run_dir, LINEAGE_NAME), storage_options)
+    try:
+        return Lineage.model_validate(json.loads(fs.cat_file(path)))
+    except FileNotFoundError:
+        return None
+
+
+def write_lineage(lineage: Lineage, storage_options: StorageOptions | None = None) -> None:
+    fs, path = resolve(join_url(lineage.run_dir, LINEAGE_NAME), storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, lineage.model_dump_json(indent=2).encode())

@@ -17,13 +17,17 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from recipes.base import DEFAULT_RECIPE
 from tasks.training import DEFAULT_TASK_RETRIES, train_epoch_task
 from tml_checkpointing import get_checkpoint
+from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_finish
+from tml_checkpointing.locking import WriterLock
 from training.config import TrainConfig
 from training.loop import EpochResult, set_deterministic
+from training.run_info import write_run_info
 from training.session import close_session
 
 
@@ -36,6 +40,8 @@ class TrainResult(BaseModel):
     resumed_from: str
     epochs_run: list[int]
     epochs_skipped: list[int]
+    evaluators_finished: list[str] = []
+    evaluators_pending: list[str] = []
     epochs: list[EpochResult]
 
 
@@ -53,11 +59,15 @@ def train(
     storage_options: dict[str, Any] | None = None,
     fail_at_step: int | None = None,
     epoch_retries: int = DEFAULT_TASK_RETRIES,
+    wait_for_evaluators: list[str] | None = None,
+    evaluator_timeout: float = 600,
 ) -> TrainResult:
     """Train ``epochs`` epochs into ``save_dir``, resuming from its newest checkpoint.
 
     ``epoch_retries``: how often a failed epoch is retried (each retry first restores the
     newest committed checkpoint). ``fail_at_step`` injects one failure, to watch that happen.
+    ``wait_for_evaluators``: partitions whose evaluators must mark the final checkpoint done
+    before the run ends (waits at most ``evaluator_timeout`` s; the result says who finished).
     """
     config = TrainConfig(
         save_dir=save_dir,
@@ -72,13 +82,44 @@ def train(
         storage_options=storage_options,
         fail_at_step=fail_at_step,
     )
-    return run_training(config, epoch_retries=epoch_retries)
+    owner = f"train flow run {flow_run.get_name()} ({flow_run.get_id()})"
+    # The run owns save_dir until it ends, evaluator wait included: a second run is refused.
+    with WriterLock(save_dir, owner=owner, storage_options=storage_options):
+        result = run_training(config, epoch_retries=epoch_retries)
+        if wait_for_evaluators:
+            _wait_for_evaluators(result, wait_for_evaluators, evaluator_timeout, storage_options)
+    _publish(result)
+    return result
+
+
+def _wait_for_evaluators(
+    result: TrainResult,
+    partitions: list[str],
+    timeout: float,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    waited = wait_for_evaluators_to_finish(
+        result.save_dir,
+        partitions,
+        result.final_step,
+        timeout,
+        poll_seconds=min(2.0, max(timeout / 10, 0.1)),
+        storage_options=storage_options,
+    )
+    result.evaluators_finished = list(waited.finished)
+    result.evaluators_pending = list(waited.pending)
+    logger = get_run_logger()
+    if waited.pending:
+        logger.warning("Evaluators not done after %ss: %s", timeout, waited.pending)
+    else:
+        logger.info("Evaluators finished on step %s: %s", result.final_step, waited.finished)
 
 
 def run_training(config: TrainConfig, epoch_retries: int = DEFAULT_TASK_RETRIES) -> TrainResult:
     """The flow's body (a plain function of the config, called inside the flow run)."""
     logger = get_run_logger()
     set_deterministic()
+    write_run_info(config)
     resumed_from = get_checkpoint(
         config.save_dir, missing_ok=True, storage_options=config.storage_options
     )
@@ -105,7 +146,6 @@ def run_training(config: TrainConfig, epoch_retries: int = DEFAULT_TASK_RETRIES)
         epochs_skipped=[r.epoch for r in results if r.status == "skipped"],
         epochs=results,
     )
-    _publish(result)
     return result
 
 
@@ -136,6 +176,12 @@ def _publish(result: TrainResult) -> None:
             f"- epochs skipped (restored from checkpoint): {skipped}\n"
             f"- final step: {result.final_step}\n"
             f"- final checkpoint: `{result.checkpoint}`\n"
+            + (
+                f"- evaluators finished: {result.evaluators_finished or 'none'}, "
+                f"pending: {result.evaluators_pending or 'none'}\n"
+                if result.evaluators_finished or result.evaluators_pending
+                else ""
+            )
         ),
         description="Training summary",
     )

@@ -1,0 +1,146 @@
+"""Evaluation beside training, waiting for evaluators, retraining with warm start, one writer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.evaluate import EvalSummary, evaluate
+from flows.retrain import Lineage, read_lineage, retrain
+from flows.train import train
+from tml_checkpointing import (
+    evaluated_partitions,
+    get_checkpoint,
+    get_checkpoints,
+    mark_done_eval,
+    step_from_checkpoint,
+)
+from tml_checkpointing.locking import LOCK_NAME
+from training.config import TrainConfig
+from training.evaluation import read_metrics
+
+from .conftest import PrefectServer
+from .training_helpers import assert_bit_identical, checkpoint_tensors, plain_run
+
+TINY: dict[str, Any] = {"steps_per_epoch": 4, "batch_size": 32, "seed": 5}
+
+
+def tml(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *args]
+
+
+def test_evaluator_beside_training_evaluates_each_checkpoint_once(
+    prefect_api: PrefectServer, tmp_path: Path
+) -> None:
+    save_dir = str(tmp_path / "run")
+    trainer = subprocess.Popen(
+        tml("train", "--save-dir", save_dir, "--epochs", "3", "--steps-per-epoch", "4",
+            "--batch-size", "32", "--checkpoint-every-steps", "2",
+            "--wait-for-evaluator", "validation", "--evaluator-timeout", "120", "--json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=prefect_api.env(),
+    )  # fmt: skip
+    try:
+        summary: EvalSummary = evaluate(
+            save_dir=save_dir, partition="validation", eval_steps=2, timeout=120, poll_seconds=0.2
+        )
+        out, err = trainer.communicate(timeout=180)
+    finally:
+        trainer.kill()
+    assert trainer.returncode == 0, err[-3000:]
+    trained = json.loads(out.strip().splitlines()[-1])
+    assert trained["evaluators_finished"] == ["validation"]
+    assert trained["evaluators_pending"] == []
+
+    committed = [step_from_checkpoint(c) for c in get_checkpoints(save_dir)]
+    assert committed == [2, 4, 6, 8, 10, 12]
+    assert summary.evaluated == committed  # each one, in order, exactly once
+    assert summary.reached_final and summary.final_step == 12
+    for checkpoint in get_checkpoints(save_dir):
+        assert evaluated_partitions(checkpoint) == ["validation"]
+        assert read_metrics(checkpoint, "validation")["examples"] == 64
+
+    again = evaluate(save_dir=save_dir, partition="validation", eval_steps=2, timeout=5)
+    assert (again.evaluated, again.skipped) == ([], committed)
+
+
+def test_train_reports_evaluators_that_did_not_finish(
+    prefect_api: PrefectServer, tmp_path: Path
+) -> None:
+    result = train(
+        save_dir=str(tmp_path / "run"),
+        epochs=1,
+        wait_for_evaluators=["nobody"],
+        evaluator_timeout=0.3,
+        **TINY,
+    )
+    assert (result.evaluators_finished, result.evaluators_pending) == ([], ["nobody"])
+
+
+def test_retrain_twice_warm_starts_from_the_previous_run(
+    prefect_api: PrefectServer, tmp_path: Path
+) -> None:
+    runs_dir = str(tmp_path / "runs")
+    params = {"epochs": 1, "eval_steps": 2, **TINY}
+    first: Lineage = retrain(runs_dir=runs_dir, run_name="20261128T020000Z", **params)
+    assert (first.previous_run, first.warm_start_checkpoint) == (None, None)
+    assert first.final_checkpoint == f"{runs_dir}/20261128T020000Z/4"
+    assert "validation" in first.metrics
+
+    second: Lineage = retrain(runs_dir=runs_dir, run_name="20261129T020000Z", **params)
+    assert second.previous_run == f"{runs_dir}/20261128T020000Z"
+    assert second.warm_start_checkpoint == first.final_checkpoint
+    assert read_lineage(second.run_dir) == second  # recorded next to the run
+
+    warm = TrainConfig(
+        save_dir=str(tmp_path / "warm-reference"),
+        epochs=1,
+        initial_checkpoint=first.final_checkpoint,
+        **TINY,
+    )
+    plain_run(warm)
+    assert_bit_identical(checkpoint_tensors(second.run_dir), checkpoint_tensors(warm.save_dir))
+    cold = checkpoint_tensors(first.run_dir)  # same recipe and seed, but from scratch
+    assert any(
+        not cold[k].equal(v) for k, v in checkpoint_tensors(second.run_dir).items() if "model" in k
+    )
+
+
+def test_second_writer_on_the_same_save_dir_is_refused(
+    prefect_api: PrefectServer, tmp_path: Path
+) -> None:
+    """The first run holds save_dir until it ends: here, while it waits for an evaluator."""
+    save_dir = str(tmp_path / "run")
+    first = subprocess.Popen(
+        tml("train", "--save-dir", save_dir, "--epochs", "2", "--steps-per-epoch", "4",
+            "--batch-size", "32", "--seed", "5", "--wait-for-evaluator", "gate",
+            "--evaluator-timeout", "120", "--json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=prefect_api.env(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while get_checkpoint(save_dir, missing_ok=True) != f"{save_dir}/8":
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "first run never committed its final checkpoint"
+            time.sleep(0.05)  # polling the directory: another process writes it
+        assert (tmp_path / "run" / LOCK_NAME).exists()
+        state = train(save_dir=save_dir, epochs=2, return_state=True, **TINY)
+        assert state.is_failed()
+        with pytest.raises(Exception, match="is being written by train flow run"):
+            state.result()
+        mark_done_eval(f"{save_dir}/8", "gate")  # lets the first run finish
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["evaluators_finished"] == ["gate"]
+    assert not (tmp_path / "run" / LOCK_NAME).exists()  # released at the end
+    reference = TrainConfig(save_dir=str(tmp_path / "reference"), epochs=2, **TINY)
+    plain_run(reference)
+    assert [step_from_checkpoint(c) for c in get_checkpoints(save_dir)] == [4, 8]
+    assert_bit_identical(checkpoint_tensors(save_dir), checkpoint_tensors(reference.save_dir))
