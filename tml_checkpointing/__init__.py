@@ -37,6 +37,7 @@ from .evaluation import (
     wait_for_evaluators,
 )
 from .filesystem import infer_fs, join_url
+from .locking import SaveDirLockedError, WriterLock
 from .snapshot import PendingSave, Snapshot
 
 __version__ = "0.1.0"
@@ -54,11 +55,13 @@ __all__ = [
     "InvalidStepError",
     "NotACheckpointDirectoryError",
     "PendingSave",
+    "SaveDirLockedError",
     "Snapshot",
     "SnapshotEntryNotFoundError",
     "SnapshotStateError",
     "StepTypeError",
     "UnsupportedProtocolError",
+    "WriterLock",
     "__version__",
     "checkpoints_iterator",
     "evaluated_partitions",
