@@ -225,3 +225,32 @@ def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
         updates={PREFECT_API_URL: prefect_server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     ):
         yield prefect_server
+
+
+def _leftover_processes() -> list[str]:
+    """Processes started by this test session (they inherit its PREFECT_HOME) still alive."""
+    import psutil
+
+    me = os.getpid()
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.info["pid"] == me:
+            continue
+        try:
+            if process.environ().get("PREFECT_HOME") == _PREFECT_HOME:
+                found.append(f"{process.info['pid']}: {' '.join(process.info['cmdline'] or [])}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tests never leave processes running (servers, workers, orphaned uvicorns)."""
+    deadline = time.monotonic() + 15
+    leftovers = _leftover_processes()
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.2)  # give terminated children a moment to be reaped
+        leftovers = _leftover_processes()
+    if leftovers:
+        print("\nERROR: processes left running by the tests:\n  " + "\n  ".join(leftovers))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
