@@ -21,10 +21,10 @@ import time
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from flows.train import train  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.loop import set_deterministic, train_epoch  # noqa: E402
-from training.session import close_session, get_session  # noqa: E402
+from flows.train import train
+from training.config import TrainConfig
+from training.loop import set_deterministic, train_epoch
+from training.session import close_session, get_session
 
 COMMON = {"steps_per_epoch": 5, "batch_size": 64, "seed": 0}
 
@@ -62,7 +62,9 @@ def main() -> None:
                 samples.setdefault((kind, n), []).append(run(n))
     times = {key: statistics.median(values) for key, values in samples.items()}
     span = args.long - args.short
-    slope = {k: (times[(k, args.long)] - times[(k, args.short)]) / span for k in ("plain", "prefect")}
+    slope = {
+        k: (times[(k, args.long)] - times[(k, args.short)]) / span for k in ("plain", "prefect")
+    }
     fixed = {k: times[(k, args.short)] - slope[k] * args.short for k in ("plain", "prefect")}
     report = {
         "seconds": {f"{k} x{n}": round(v, 3) for (k, n), v in times.items()},
