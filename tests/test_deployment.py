@@ -1,0 +1,197 @@
+"""``prefect.yaml`` end to end on loopback, as a user deploys it (README "Deploy").
+
+Against the session's real ``prefect server``: create the process work pool, ``prefect
+--no-prompt deploy --all`` from the repository root, ``prefect deployment run 'train/train'``,
+``prefect worker start --run-once`` from an unrelated directory (the pull step must lead the
+flow run to the code), then check through the API that the run completed, its checkpoint
+exists, and the nightly retraining schedule created its future runs.
+
+Every CLI process runs the repository's code (``cwd`` and ``PYTHONPATH`` = the repository root)
+in its own process group, killed in ``finally`` whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+
+from tml_checkpointing import get_checkpoint, step_from_checkpoint
+
+from .conftest import PrefectServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+POOL = "tml-process"  # the work pool named in prefect.yaml
+T = TypeVar("T")
+
+
+def cli_env(server: PrefectServer) -> dict[str, str]:
+    """The session server's API, and this checkout's code first on the path."""
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **server.env(),
+        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+
+
+def prefect(
+    args: Sequence[str], env: dict[str, str], *, cwd: Path = REPO_ROOT, timeout: float = 90
+) -> str:
+    """Run ``prefect ARGS`` like a user would; return its output, fail on a non-zero exit."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its children (a worker's flow run) share the group
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        output, _ = process.communicate()
+        pytest.fail(f"`prefect {' '.join(args)}` still running after {timeout}s:\n{output}")
+    finally:
+        kill_group(process)
+    assert process.returncode == 0, f"`prefect {' '.join(args)}` failed:\n{output}"
+    return output
+
+
+def kill_group(process: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):  # nothing of the group may survive
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def poll(read: Callable[[], T], done: Callable[[T], bool], what: str, limit_s: float = 30) -> T:
+    """Read through the API until ``done`` (no event to await across processes)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = read()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached after {limit_s}s, last {value!r}")
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(240)
+def test_deploy_run_with_worker_and_nightly_schedule(
+    prefect_api: PrefectServer, tmp_path: Path
+) -> None:
+    env = cli_env(prefect_api)
+    prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+    prefect(["--no-prompt", "deploy", "--all"], env)
+
+    save_dir = tmp_path / "run"
+    output = prefect(
+        [
+            "deployment",
+            "run",
+            "train/train",
+            "--param",
+            f"save_dir={save_dir}",
+            "--param",
+            "epochs=1",
+            "--param",
+            "steps_per_epoch=3",
+            "--param",
+            "batch_size=32",
+        ],
+        env,
+    )
+    match = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert match, output
+    flow_run_id = UUID(match.group(1))
+
+    # A worker started elsewhere: only the deployment's pull step leads it to the code.
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    worker_output = prefect(
+        ["worker", "start", "--pool", POOL, "--run-once"], env, cwd=elsewhere, timeout=120
+    )
+
+    with get_client(sync_client=True) as client:
+        run: FlowRun = poll(
+            lambda: client.read_flow_run(flow_run_id),
+            lambda r: r.state is not None and r.state.is_final(),
+            "train flow run final",
+        )
+        assert run.state is not None
+        assert run.state.type == StateType.COMPLETED, f"{run.state!r}\n{worker_output}"
+        assert run.parameters["save_dir"] == str(save_dir)
+        # Flow retries set by the deployment's job variables reached the flow run.
+        assert run.empirical_policy.retries == 1
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+        assert {"train-epochs", "train-summary"} <= {a.key for a in artifacts if a.key}
+
+        deployments = {
+            name: client.read_deployment_by_name(name)
+            for name in ("train/train", "evaluate/evaluate", "retrain/retrain-nightly")
+        }
+        for deployment in deployments.values():
+            assert deployment.work_pool_name == POOL
+            assert deployment.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}
+            ]
+        assert deployments["train/train"].parameters["save_dir"] == f"{REPO_ROOT}/runs/train"
+
+        nightly = deployments["retrain/retrain-nightly"]
+        assert nightly.global_concurrency_limit is not None
+        assert nightly.global_concurrency_limit.limit == 1
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [
+            ("0 2 * * *", "UTC", True)
+        ]
+        scheduled = poll(
+            lambda: client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                    )
+                ),
+            ),
+            bool,
+            "scheduled runs of retrain-nightly",
+        )
+
+    checkpoint = get_checkpoint(str(save_dir))
+    assert checkpoint == f"{save_dir}/3"
+    assert step_from_checkpoint(checkpoint) == 3
+
+    now = datetime.now(UTC)
+    starts = sorted(r.expected_start_time for r in scheduled if r.expected_start_time)
+    assert len(starts) == len(scheduled)
+    for start in starts:
+        start_utc = start.astimezone(UTC)
+        assert (start_utc.hour, start_utc.minute, start_utc.second) == (2, 0, 0), start
+        assert start_utc > now
+    assert starts[0] - now <= timedelta(days=1)  # the next 02:00 UTC is among them
