@@ -86,3 +86,22 @@ def test_train_on_s3(prefect_api: PrefectServer, s3_save_dir: str) -> None:
     result: TrainResult = state.result()
     assert result.checkpoint == f"{s3_save_dir}/4"
     assert checkpoint_tensors(s3_save_dir)
+
+
+def test_flow_retry_resumes_and_ends_bit_identical(
+    prefect_api: PrefectServer, tmp_path: Path
+) -> None:
+    """With epoch retries off, the failure fails the flow run; the flow retry resumes it."""
+    reference = TrainConfig(save_dir=str(tmp_path / "ref"), **SMALL)
+    plain_run(reference)
+    save_dir = str(tmp_path / "run")
+    state = train.with_options(retries=1, retry_delay_seconds=0)(
+        save_dir=save_dir, fail_at_step=6, epoch_retries=0, return_state=True, **SMALL
+    )
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    assert flow_run.run_count == 2
+    result: TrainResult = state.result()
+    assert result.epochs_skipped == [0] and result.epochs_run == [1, 2]
+    assert_bit_identical(checkpoint_tensors(save_dir), checkpoint_tensors(reference.save_dir))

@@ -118,9 +118,14 @@ def train_epoch(
     return result
 
 
+_injected_failures: set[tuple[str, int]] = set()
+
+
 def _maybe_inject_failure(session: TrainingSession, step: int) -> None:
-    if session.config.fail_at_step == step and step not in session.injected_failures:
-        session.injected_failures.add(step)
+    """Fail once per process and run: task retries and flow retries then get through."""
+    key = (session.config.save_dir, step)
+    if session.config.fail_at_step == step and key not in _injected_failures:
+        _injected_failures.add(key)
         raise InjectedFailure(f"injected failure at step {step} (fail_at_step)")
 
 

@@ -28,7 +28,6 @@ class TrainingSession:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.synced_step: int | None = None
-        self.injected_failures: set[int] = set()
         self.pristine = True  # state is exactly what the recipe built (nothing trained yet)
         self._build()
 
