@@ -235,11 +235,13 @@ def test_failed_staging_commits_nothing(save_dir: str) -> None:
 
 def test_failed_background_write_commits_nothing(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a directory should be")
-    pending = Snapshot(str(tmp_path / "blocker" / "run"), make_state()).save(3)
+    snapshot = Snapshot(str(tmp_path / "blocker" / "run"), make_state())
+    # torchsnapshot may start writing small states before async_take returns, so the
+    # failure surfaces from save() or from wait(): either way as CheckpointWriteError.
     with pytest.raises(CheckpointWriteError, match="nothing was committed") as caught:
-        pending.wait()
+        snapshot.save(3).wait()
     assert isinstance(caught.value, OSError)
-    assert pending.done()
+    assert snapshot._pending is None or snapshot._pending.done()
 
 
 def test_failed_s3_write_commits_nothing(s3_server: Any) -> None:
