@@ -20,10 +20,13 @@ from .errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    CorruptCheckpointError,
     InvalidCheckpointPathError,
     InvalidPartitionNameError,
     InvalidStepError,
     NotACheckpointDirectoryError,
+    NotASaveDirError,
+    PreemptedError,
     SnapshotEntryNotFoundError,
     SnapshotStateError,
     StepTypeError,
@@ -37,6 +40,7 @@ from .evaluation import (
     wait_for_evaluators,
 )
 from .filesystem import infer_fs, join_url
+from .integrity import VerifyReport, get_latest_valid_checkpoint, verify_checkpoint
 from .snapshot import PendingSave, Snapshot
 
 __version__ = "0.1.0"
@@ -48,22 +52,27 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointPath",
     "CheckpointWriteError",
+    "CorruptCheckpointError",
     "EvaluatorWaitResult",
     "InvalidCheckpointPathError",
     "InvalidPartitionNameError",
     "InvalidStepError",
     "NotACheckpointDirectoryError",
+    "NotASaveDirError",
     "PendingSave",
+    "PreemptedError",
     "Snapshot",
     "SnapshotEntryNotFoundError",
     "SnapshotStateError",
     "StepTypeError",
     "UnsupportedProtocolError",
+    "VerifyReport",
     "__version__",
     "checkpoints_iterator",
     "evaluated_partitions",
     "get_checkpoint",
     "get_checkpoints",
+    "get_latest_valid_checkpoint",
     "infer_fs",
     "is_committed",
     "is_done_eval",
@@ -72,5 +81,6 @@ __all__ = [
     "mark_done_eval",
     "scan_checkpoints",
     "step_from_checkpoint",
+    "verify_checkpoint",
     "wait_for_evaluators",
 ]
