@@ -4,6 +4,7 @@ API-compatible with twitter/the-algorithm-ml's ``tml.common.checkpointing``. Wor
 fsspec URL (local paths, ``memory://``, ``s3://`` through s3fs, ...). Never imports Prefect.
 """
 
+from .cleanup import IncompleteCheckpoint, clean_incomplete, find_incomplete
 from .discovery import (
     CheckpointPath,
     checkpoints_iterator,
@@ -21,6 +22,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     InvalidCheckpointPathError,
     InvalidPartitionNameError,
     InvalidStepError,
@@ -37,10 +39,14 @@ from .evaluation import (
     evaluated_partitions,
     is_done_eval,
     mark_done_eval,
+    read_checkpoint_metrics,
     wait_for_evaluators,
+    write_checkpoint_metrics,
 )
 from .filesystem import infer_fs, join_url
 from .integrity import VerifyReport, get_latest_valid_checkpoint, verify_checkpoint
+from .preemption import PreemptionGuard, save_final_checkpoint
+from .retention import PruneResult, RetentionPlan, RetentionPolicy, plan_retention, prune
 from .snapshot import PendingSave, Snapshot
 
 __version__ = "0.1.0"
@@ -54,6 +60,8 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "EvaluatorWaitResult",
+    "IncompleteCheckpoint",
+    "InvalidArgumentError",
     "InvalidCheckpointPathError",
     "InvalidPartitionNameError",
     "InvalidStepError",
@@ -61,6 +69,10 @@ __all__ = [
     "NotASaveDirError",
     "PendingSave",
     "PreemptedError",
+    "PreemptionGuard",
+    "PruneResult",
+    "RetentionPlan",
+    "RetentionPolicy",
     "Snapshot",
     "SnapshotEntryNotFoundError",
     "SnapshotStateError",
@@ -69,7 +81,9 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "checkpoints_iterator",
+    "clean_incomplete",
     "evaluated_partitions",
+    "find_incomplete",
     "get_checkpoint",
     "get_checkpoints",
     "get_latest_valid_checkpoint",
@@ -79,8 +93,13 @@ __all__ = [
     "join_url",
     "list_checkpoints",
     "mark_done_eval",
+    "plan_retention",
+    "prune",
+    "read_checkpoint_metrics",
+    "save_final_checkpoint",
     "scan_checkpoints",
     "step_from_checkpoint",
     "verify_checkpoint",
     "wait_for_evaluators",
+    "write_checkpoint_metrics",
 ]

@@ -98,3 +98,7 @@ class PreemptedError(CheckpointError):
         self.step = step
         self.signal_name = signal_name
         self.exit_code = exit_code
+
+
+class InvalidArgumentError(CheckpointError, ValueError):
+    """An argument out of range (a negative age, a count below 1, ...)."""

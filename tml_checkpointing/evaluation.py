@@ -7,14 +7,17 @@ live inside the checkpoint, so they move and get deleted with it.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .discovery import get_checkpoint, is_committed, step_from_checkpoint
 from .errors import CheckpointNotFoundError, InvalidPartitionNameError
-from .filesystem import StorageOptions, invalidate_listing, join_url, resolve
+from .filesystem import StorageOptions, invalidate_listing, is_local, join_url, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +150,67 @@ def wait_for_evaluators(
             "Evaluators not finished on step %s after %ss: %s", global_step, timeout, pending
         )
     return result
+
+
+METRICS_FNAME = "metrics.json"
+
+
+def write_checkpoint_metrics(
+    checkpoint: str,
+    metrics: Mapping[str, float],
+    *,
+    storage_options: StorageOptions | None = None,
+) -> dict[str, float]:
+    """Merge ``metrics`` into ``<checkpoint>/metrics.json`` (what ``keep_best`` ranks by).
+
+    Written after commit by evaluators, like done-markers, so not covered by the integrity
+    sidecar. The file is replaced whole (temp + rename on local disk, one PUT on object
+    stores), so readers never see half a file. Merging is read-modify-write: two evaluators
+    writing the same checkpoint at the same instant may lose one update; give each its own
+    metric names and retry, or write from one process. Returns the merged metrics.
+    """
+    step_from_checkpoint(checkpoint)
+    if not is_committed(checkpoint, storage_options):
+        raise CheckpointNotFoundError(
+            f"cannot write metrics for {checkpoint!r}: it is not a committed checkpoint"
+        )
+    merged = dict(read_checkpoint_metrics(checkpoint, storage_options=storage_options))
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+        merged[name] = float(value)
+    fs, path = resolve(join_url(checkpoint, METRICS_FNAME), storage_options)
+    body = json.dumps(merged, sort_keys=True).encode()
+    if is_local(fs):
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "wb") as handle:
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, body)
+    return merged
+
+
+def read_checkpoint_metrics(
+    checkpoint: str, *, storage_options: StorageOptions | None = None
+) -> dict[str, float]:
+    """The metrics evaluators recorded for ``checkpoint`` (``{}`` when none or unreadable)."""
+    fs, path = resolve(join_url(checkpoint, METRICS_FNAME), storage_options)
+    invalidate_listing(fs, path.rsplit("/", 1)[0])
+    try:
+        body = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as error:
+        logger.warning("Ignoring unreadable %s: %s", path, error)
+        return {}
+    if not isinstance(body, dict):
+        logger.warning("Ignoring %s: expected a JSON object of metrics", path)
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in body.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }

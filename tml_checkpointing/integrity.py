@@ -41,6 +41,7 @@ from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
 
 from .discovery import list_checkpoints
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .evaluation import EVALUATED_BY, METRICS_FNAME
 from .filesystem import StorageOptions, invalidate_listing, resolve
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 INTEGRITY_FNAME = ".integrity.json"
 ALGORITHM = "xxh3_64"
 SIDECAR_VERSION = 1
-METRICS_FNAME = "metrics.json"
-EVALUATED_BY_DIR = "evaled_by"
 _CHUNK = 8 * 1024 * 1024
 
 VerifyLevel = Literal["none", "size", "full"]
@@ -72,7 +71,7 @@ def is_covered(relative: str) -> bool:
     return not (
         name in (SNAPSHOT_METADATA_FNAME, INTEGRITY_FNAME, METRICS_FNAME)
         or name.startswith(f"{SNAPSHOT_METADATA_FNAME}.")
-        or name.startswith(f"{EVALUATED_BY_DIR}/")
+        or name.startswith(f"{EVALUATED_BY}/")
     )
 
 
