@@ -289,3 +289,12 @@ def test_local_commit_leaves_only_a_complete_marker(tmp_path: Path) -> None:
     assert ".snapshot_metadata" in names
     assert not [n for n in names if n.endswith(".tmp")]
     assert (tmp_path / "1" / ".snapshot_metadata").stat().st_size > 0
+
+
+def test_a_failure_already_raised_does_not_poison_the_next_save(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    snapshot = Snapshot(str(tmp_path / "blocker" / "run"), make_state())
+    with pytest.raises(CheckpointWriteError):
+        snapshot.save(3).wait()
+    (tmp_path / "blocker").unlink()
+    assert snapshot.save(3).wait().endswith("/3")  # the old error is not raised again

@@ -51,6 +51,7 @@ class PendingSave:
         self.global_step = global_step
         self._pending = pending
         self._started = time.monotonic()
+        self.error_reported = False  # the failure was already raised to a caller
 
     def done(self) -> bool:
         """Whether writing has finished (successfully or not): ``wait`` will not block."""
@@ -67,6 +68,7 @@ class PendingSave:
             raise TimeoutError(f"checkpoint {self.path} still being written after {timeout}s")
         if self._pending.exc_info is not None:
             cause = self._pending.exc_info[1]
+            self.error_reported = True
             raise CheckpointWriteError(
                 f"saving step {self.global_step} to {self.path} failed, nothing was committed: "
                 f"{type(cause).__name__}: {cause}"
@@ -209,7 +211,13 @@ class Snapshot:
     def wait(self) -> str | None:
         """Wait for the save in flight, if any; return its path."""
         pending, self._pending = self._pending, None
-        return pending.wait() if pending is not None else None
+        if pending is None:
+            return None
+        if pending.error_reported:
+            # The caller already got this failure from PendingSave.wait(); raising it again
+            # here would make every later save() fail for a checkpoint long given up on.
+            return None
+        return pending.wait()
 
     def close(self) -> None:
         """Wait for pending saves (and surface their errors)."""
