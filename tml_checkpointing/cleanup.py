@@ -74,7 +74,9 @@ def scan_incomplete(
                 path=join_url(save_dir, name),
                 newest_mtime=newest,
                 age_s=None if newest is None else max(0.0, now - newest),
-                size=sum(int(info.get("size") or 0) for info in infos),
+                size=sum(
+                    int(info.get("size") or 0) for info in infos if info.get("type") != "directory"
+                ),
             )
         )
     return found

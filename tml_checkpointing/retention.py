@@ -149,6 +149,7 @@ def prune(
     dry_run: bool = False,
     storage_options: StorageOptions | None = None,
     verify: VerifyLevel = "size",
+    on_plan: Callable[[RetentionPlan], None] | None = None,
     on_deleted: Callable[[CheckpointPath], None] | None = None,
 ) -> PruneResult:
     """Delete the committed checkpoints ``policy`` does not keep; return what happened.
@@ -156,6 +157,8 @@ def prune(
     Safe alongside a running trainer: checkpoints still being written are uncommitted and
     never considered, the newest checkpoint that verifies (``verify`` level) is always kept,
     and each deletion removes the commit marker first. ``dry_run`` plans without deleting.
+    ``on_plan`` sees the plan before any deletion, ``on_deleted`` each deleted checkpoint
+    (progress reporting).
     """
     assert_save_dir(save_dir, storage_options)
     entries = scan_checkpoints(save_dir, storage_options)
@@ -197,6 +200,8 @@ def prune(
         evaluated,
         protect=() if latest_step is None else (latest_step,),
     )
+    if on_plan is not None:
+        on_plan(plan)
     deleted: list[str] = []
     for victim in plan.delete:
         if dry_run:
