@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_save_restore.py --size-mb 512 --repeat 3
+	$(BIN)/python benchmarks/bench_verify.py --size-mb 1024 --repeat 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
