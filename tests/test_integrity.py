@@ -142,3 +142,15 @@ def test_size_verify_on_s3_is_one_listing(s3_server: S3Server, s3_save_dir: str)
     assert verify_checkpoint(checkpoint).status == "valid"
     # one recursive listing + the marker + the sidecar, never a request per file
     assert s3_server.request_count() - before <= 4
+
+
+def test_reader_sees_a_checkpoint_rewritten_by_another_process(s3_save_dir: str) -> None:
+    """s3fs caches every directory a ``find`` walked; a listing of ``<step>/batched`` taken
+    while a killed save's leftovers were there must not hide the files of the re-save."""
+    writer_options = {"skip_instance_cache": True}  # another process: its own s3fs instance
+    leftovers = fsspec.filesystem("s3", skip_instance_cache=True)
+    leftovers.pipe_file(f"{s3_save_dir}/1/batched/leftover-of-a-killed-save", b"x" * 10)
+    assert get_latest_valid_checkpoint(s3_save_dir, verify="full") == ""  # reader caches it
+    state = make_state()
+    Snapshot(s3_save_dir, state, storage_options=writer_options).save(1).wait()
+    assert get_latest_valid_checkpoint(s3_save_dir, verify="full") == f"{s3_save_dir}/1"
