@@ -94,7 +94,7 @@ def test_sigterm_final_checkpoint_and_bit_identical_resume(tmp_path: Path) -> No
     assert process.returncode == 143, err
     final = get_latest_valid_checkpoint(str(interrupted_dir), verify="full")
     assert final and out.strip() == f"preempted {step_from_checkpoint(final)}"
-    assert step_from_checkpoint(final) < 5999  # it really was interrupted
+    assert step_from_checkpoint(final) < 2999  # it really was interrupted
 
     resumed = run_loop(interrupted_dir, tmp_path / "resumed.pt")
     assert resumed.returncode == 0, resumed.stderr

@@ -8,7 +8,8 @@ and calls :func:`save_final_checkpoint`, which drains the save in flight, writes
 at the current step and raises :class:`PreemptedError`, whose ``exit_code`` (``128 + signum``,
 143 for SIGTERM) the process exits with::
 
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard:          # first, before restoring: a signal that
+        start = resume(snapshot)              # arrives earlier kills the default way
         for step in range(start, total):
             train_step(step)
             if guard.requested:

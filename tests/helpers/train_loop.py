@@ -34,8 +34,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("save_dir")
     parser.add_argument("out_file")
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--save-every", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -43,14 +43,16 @@ def main() -> int:
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     snapshot = Snapshot(args.save_dir, {"model": model, "optimizer": optimizer})
-    start = 0
-    latest = get_latest_valid_checkpoint(args.save_dir, verify="full")
-    if latest:
-        snapshot.restore(latest)
-        start = snapshot.step + 1
-    print(f"started {start}", flush=True)
     try:
+        # The guard goes up before anything else: a signal that arrives before it is
+        # installed kills the process the default way (no final checkpoint, exit -15).
         with PreemptionGuard() as guard:
+            start = 0
+            latest = get_latest_valid_checkpoint(args.save_dir, verify="full")
+            if latest:
+                snapshot.restore(latest)
+                start = snapshot.step + 1
+            print(f"started {start}", flush=True)
             for step in range(start, args.steps):
                 x, y = batch(args.seed, step)
                 optimizer.zero_grad()
