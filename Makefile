@@ -39,6 +39,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_save_restore.py --size-mb 512 --repeat 3
 	$(BIN)/python benchmarks/bench_flow_overhead.py --short 2 --long 12 --repeat 5
+	$(BIN)/python benchmarks/bench_verify.py --size-mb 1024 --repeat 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -13,7 +13,7 @@ import tempfile
 import torch
 from torchsnapshot import RNGState
 
-from tml_checkpointing import Snapshot, get_checkpoint, get_checkpoints
+from tml_checkpointing import Snapshot, get_checkpoints, get_latest_valid_checkpoint
 
 
 def build() -> dict:
@@ -48,7 +48,7 @@ def main() -> None:
     print("-- a new process resumes --")
     torch.manual_seed(123)  # whatever it is, the restored RNG state replaces it
     resumed = Snapshot(save_dir, build())
-    latest = get_checkpoint(save_dir, missing_ok=True)
+    latest = get_latest_valid_checkpoint(save_dir)  # newest one that verifies
     resumed.restore(latest)
     print(f"resumed from {latest} at step {resumed.step}")
     with resumed:

@@ -236,10 +236,12 @@ def test_failed_staging_commits_nothing(save_dir: str) -> None:
 def test_failed_background_write_commits_nothing(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a directory should be")
     snapshot = Snapshot(str(tmp_path / "blocker" / "run"), make_state())
-    # torchsnapshot may start writing before save() returns: the error surfaces in either.
+    # torchsnapshot may start writing small states before async_take returns, so the
+    # failure surfaces from save() or from wait(): either way as CheckpointWriteError.
     with pytest.raises(CheckpointWriteError, match="nothing was committed") as caught:
         snapshot.save(3).wait()
     assert isinstance(caught.value, OSError)
+    assert snapshot._pending is None or snapshot._pending.done()
 
 
 def test_failed_s3_write_commits_nothing(s3_server: Any) -> None:
@@ -286,3 +288,12 @@ def test_local_commit_leaves_only_a_complete_marker(tmp_path: Path) -> None:
     assert ".snapshot_metadata" in names
     assert not [n for n in names if n.endswith(".tmp")]
     assert (tmp_path / "1" / ".snapshot_metadata").stat().st_size > 0
+
+
+def test_a_failure_already_raised_does_not_poison_the_next_save(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    snapshot = Snapshot(str(tmp_path / "blocker" / "run"), make_state())
+    with pytest.raises(CheckpointWriteError):
+        snapshot.save(3).wait()
+    (tmp_path / "blocker").unlink()
+    assert snapshot.save(3).wait().endswith("/3")  # the old error is not raised again

@@ -62,3 +62,47 @@ class StepTypeError(CheckpointError, TypeError):
 
 class InvalidStepError(CheckpointError, ValueError):
     """A step number that cannot name a checkpoint (negative)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed checkpoint whose files do not match what was recorded when it was written.
+
+    ``path`` names the offending file (or the checkpoint, when its commit marker itself is
+    unreadable); ``checkpoint`` is the checkpoint directory.
+    """
+
+    def __init__(self, message: str, *, checkpoint: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.path = path
+
+
+class NotASaveDirError(CheckpointError, ValueError):
+    """A command that works on a ``save_dir`` was given a checkpoint (or something inside one).
+
+    Pruning or cleaning *inside* a checkpoint would treat its rank directory ``0/`` as a
+    half-written checkpoint; this refusal keeps a typo from deleting data.
+    """
+
+
+class PreemptedError(CheckpointError):
+    """Training stopped on a preemption signal after writing a final checkpoint.
+
+    ``step`` is the step of that checkpoint (``None`` when none could be written),
+    ``signal_name`` the signal received, ``exit_code`` the conventional ``128 + signum``
+    (143 for SIGTERM) a process should exit with so that schedulers treat it as retryable.
+    """
+
+    def __init__(self, message: str, *, step: int | None, signal_name: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+
+
+class InvalidArgumentError(CheckpointError, ValueError):
+    """An argument out of range (a negative age, a count below 1, ...)."""
+
+
+class SaveDirLockedError(CheckpointError, BlockingIOError):
+    """Another live writer holds the ``save_dir`` (see :class:`~tml_checkpointing.WriterLock`)."""

@@ -7,14 +7,18 @@ live inside the checkpoint, so they move and get deleted with it.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .discovery import get_checkpoint, is_committed, step_from_checkpoint
 from .errors import CheckpointNotFoundError, InvalidPartitionNameError
-from .filesystem import StorageOptions, invalidate_listing, join_url, resolve
+from .filesystem import StorageOptions, invalidate_listing, is_local, join_url, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +151,108 @@ def wait_for_evaluators(
             "Evaluators not finished on step %s after %ss: %s", global_step, timeout, pending
         )
     return result
+
+
+METRICS_FNAME = "metrics.json"
+PARTITION_METRICS_DIR = "eval"
+
+
+def metrics_path(checkpoint: str, partition: str | None = None) -> str:
+    """``<checkpoint>/metrics.json``, or ``<checkpoint>/eval/<partition>.json`` for a partition.
+
+    One file per partition: evaluators of different partitions never write the same file,
+    so they cannot lose each other's updates.
+    """
+    if partition is None:
+        return join_url(checkpoint, METRICS_FNAME)
+    return join_url(checkpoint, PARTITION_METRICS_DIR, f"{_validated_partition(partition)}.json")
+
+
+def write_checkpoint_metrics(
+    checkpoint: str,
+    metrics: Mapping[str, float],
+    *,
+    partition: str | None = None,
+    storage_options: StorageOptions | None = None,
+) -> dict[str, float]:
+    """Merge ``metrics`` into the checkpoint's metrics file (what ``keep_best`` ranks by).
+
+    With ``partition``, into ``eval/<partition>.json`` (what the evaluate flow writes; read
+    back by :func:`read_checkpoint_metrics` as ``"<partition>/<name>"``), else into
+    ``metrics.json``. Written after commit by evaluators, like done-markers, so not covered by
+    the integrity sidecar. The file is replaced whole (temp + rename on local disk, one PUT on
+    object stores), so readers never see half a file. Merging is read-modify-write: two writers
+    of the same file at the same instant may lose one update (one writer per partition avoids
+    that). Returns the merged metrics of that file.
+    """
+    step_from_checkpoint(checkpoint)
+    if not is_committed(checkpoint, storage_options):
+        raise CheckpointNotFoundError(
+            f"cannot write metrics for {checkpoint!r}: it is not a committed checkpoint"
+        )
+    fs, path = resolve(metrics_path(checkpoint, partition), storage_options)
+    merged = _read_metrics_file(fs, path)
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metric names must be non-empty strings, got {name!r}")
+        merged[name] = float(value)
+    body = json.dumps(merged, sort_keys=True).encode()
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if is_local(fs):
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(temporary, "wb") as handle:
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, body)
+    return merged
+
+
+def read_checkpoint_metrics(
+    checkpoint: str,
+    *,
+    partition: str | None = None,
+    storage_options: StorageOptions | None = None,
+) -> dict[str, float]:
+    """The metrics evaluators recorded for ``checkpoint`` (``{}`` when none or unreadable).
+
+    With ``partition``: that partition's metrics. Without: ``metrics.json`` merged with every
+    partition's metrics under ``"<partition>/<name>"`` (e.g. ``"validation/loss"``).
+    """
+    fs, path = resolve(metrics_path(checkpoint, partition), storage_options)
+    invalidate_listing(fs, path.rsplit("/", 1)[0])
+    if partition is not None:
+        return _read_metrics_file(fs, path)
+    merged = _read_metrics_file(fs, path)
+    _, directory = resolve(join_url(checkpoint, PARTITION_METRICS_DIR), storage_options)
+    try:
+        names = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        names = []
+    for name in sorted(names):
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.endswith(".json"):
+            prefix = base[: -len(".json")]
+            for key, value in _read_metrics_file(fs, name).items():
+                merged[f"{prefix}/{key}"] = value
+    return merged
+
+
+def _read_metrics_file(fs: Any, path: str) -> dict[str, float]:
+    try:
+        body = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as error:
+        logger.warning("Ignoring unreadable %s: %s", path, error)
+        return {}
+    if not isinstance(body, dict):
+        logger.warning("Ignoring %s: expected a JSON object of metrics", path)
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in body.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }

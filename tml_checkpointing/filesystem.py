@@ -7,6 +7,7 @@ caller gave, never from what a filesystem's ``ls`` returns (s3fs drops the schem
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import fsspec
@@ -83,10 +84,27 @@ def basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def fsync_directory(path: str) -> None:
+    """Make a local directory's entries (new files, renames, removals) durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def invalidate_listing(fs: AbstractFileSystem, path: str) -> None:
     """Forget cached listings so that another process's new files become visible.
 
     s3fs caches directory listings per filesystem instance; a poller that never
-    invalidates would never see a checkpoint written by the trainer.
+    invalidates would never see a checkpoint written by the trainer. ``invalidate_cache``
+    drops only ``path`` and its parents, but ``find`` also caches every directory *below*
+    it: a stale ``<step>/batched`` listing from before a checkpoint was rewritten made a
+    freshly committed file look missing. So the whole subtree is dropped too.
     """
     fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    if cache:
+        root = fs._strip_protocol(path).rstrip("/")
+        for key in [k for k in list(cache) if k == root or k.startswith(f"{root}/")]:
+            cache.pop(key, None)

@@ -20,16 +20,12 @@ import uuid
 from dataclasses import asdict, dataclass
 from types import TracebackType
 
-from .errors import CheckpointError
+from .errors import SaveDirLockedError
 from .filesystem import StorageOptions, is_local, join_url, resolve
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".writer.lock"
-
-
-class SaveDirLockedError(CheckpointError, BlockingIOError):
-    """Another live writer holds the ``save_dir``."""
 
 
 @dataclass(frozen=True)

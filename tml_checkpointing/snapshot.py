@@ -32,6 +32,7 @@ from .errors import (
     StepTypeError,
 )
 from .filesystem import StorageOptions, join_url, resolve
+from .integrity import VERIFY_LEVELS, VerifyLevel, verify_checkpoint
 from .storage_plugin import transport_url
 from .torchsnapshot_compat import KeyFilteredSnapshot, in_process_barrier_store
 
@@ -50,6 +51,7 @@ class PendingSave:
         self.global_step = global_step
         self._pending = pending
         self._started = time.monotonic()
+        self.error_reported = False  # the failure was already raised to a caller
 
     def done(self) -> bool:
         """Whether writing has finished (successfully or not): ``wait`` will not block."""
@@ -66,6 +68,7 @@ class PendingSave:
             raise TimeoutError(f"checkpoint {self.path} still being written after {timeout}s")
         if self._pending.exc_info is not None:
             cause = self._pending.exc_info[1]
+            self.error_reported = True
             raise CheckpointWriteError(
                 f"saving step {self.global_step} to {self.path} failed, nothing was committed: "
                 f"{type(cause).__name__}: {cause}"
@@ -208,7 +211,13 @@ class Snapshot:
     def wait(self) -> str | None:
         """Wait for the save in flight, if any; return its path."""
         pending, self._pending = self._pending, None
-        return pending.wait() if pending is not None else None
+        if pending is None:
+            return None
+        if pending.error_reported:
+            # The caller already got this failure from PendingSave.wait(); raising it again
+            # here would make every later save() fail for a checkpoint long given up on.
+            return None
+        return pending.wait()
 
     def close(self) -> None:
         """Wait for pending saves (and surface their errors)."""
@@ -227,19 +236,37 @@ class Snapshot:
 
     # -- restoring -------------------------------------------------------------------------
 
-    def restore(self, checkpoint: str, *, keys: Iterable[str] | None = None) -> None:
+    def restore(
+        self,
+        checkpoint: str,
+        *,
+        keys: Iterable[str] | None = None,
+        verify: VerifyLevel = "size",
+    ) -> None:
         """Restore state, ``step`` and ``walltime`` from a committed checkpoint.
 
         ``keys`` restores a subset of the state (e.g. ``["model"]`` to warm-start weights);
         ``step``/``walltime`` come back only when ``extra_state`` is among them. A checkpoint
         written before ``walltime`` existed restores ``walltime = 0.0``.
+
+        The checkpoint is verified first (``verify="size"``: marker, manifest and file sizes,
+        one listing; ``"full"`` also checksums every byte; ``"none"`` skips it), so corruption
+        surfaces as :class:`CorruptCheckpointError` naming the file, before any state changes.
         """
         self.wait()
+        if verify not in VERIFY_LEVELS:
+            raise SnapshotStateError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
         if not is_committed(checkpoint, self.storage_options):
             raise CheckpointNotFoundError(
                 f"{checkpoint} is not a committed checkpoint (no .snapshot_metadata); use "
                 "get_checkpoint(save_dir) to find the latest one"
             )
+        if verify != "none":
+            report = verify_checkpoint(
+                checkpoint, level=verify, storage_options=self.storage_options
+            )
+            if report.status == "unverified":
+                logger.info("%s has no integrity sidecar; restoring it unverified.", checkpoint)
         wanted = list(self._state) if keys is None else list(dict.fromkeys(keys))
         unknown = [key for key in wanted if key not in self._state]
         if unknown:

@@ -16,6 +16,10 @@ Commit protocol (the invariant "a checkpoint exists only once committed"):
   crash leaves either no marker or a complete one;
 * object stores (S3, GCS, memory): a single PUT is atomic, so the marker is one PUT issued
   after every data object has been stored.
+
+Integrity: each data file's size and ``xxh3_64`` are recorded as it is written (on the buffer,
+in the writer thread) and stored as ``.integrity.json`` just before the marker, as durably as
+the data (see :mod:`tml_checkpointing.integrity`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from typing import Any
 from torchsnapshot.io_types import ReadIO, StoragePlugin, WriteIO
 from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
 
-from .filesystem import StorageOptions, is_local, resolve
+from .filesystem import StorageOptions, fsync_directory, is_local, resolve
+from .integrity import INTEGRITY_FNAME, IntegrityRecorder
 
 TRANSPORT_SCHEME = "tml-fsspec"
 
@@ -52,6 +57,7 @@ class FsspecStoragePlugin(StoragePlugin):
         self.root = self.root.rstrip("/")
         self._local = is_local(self.fs)
         self._created_dirs: set[str] = set()
+        self._integrity = IntegrityRecorder()
 
     def _full_path(self, relative: str) -> str:
         return f"{self.root}/{relative.lstrip('/')}"
@@ -60,7 +66,7 @@ class FsspecStoragePlugin(StoragePlugin):
         if write_io.path == SNAPSHOT_METADATA_FNAME:
             await asyncio.to_thread(self._commit, bytes(write_io.buf))
         else:
-            await asyncio.to_thread(self._write_file, self._full_path(write_io.path), write_io.buf)
+            await asyncio.to_thread(self._write_data, write_io.path, write_io.buf)
 
     async def read(self, read_io: ReadIO) -> None:
         path = self._full_path(read_io.path)
@@ -69,12 +75,18 @@ class FsspecStoragePlugin(StoragePlugin):
         read_io.buf = io.BytesIO(data)
 
     async def delete(self, path: str) -> None:
+        self._integrity.forget(path)
         await asyncio.to_thread(self.fs.rm_file, self._full_path(path))
 
     async def close(self) -> None:
         return None
 
     # -- writing ---------------------------------------------------------------------------
+
+    def _write_data(self, relative: str, buf: bytes | memoryview) -> None:
+        self._write_file(self._full_path(relative), buf)
+        # Recorded only once stored: a failed write leaves no entry claiming it exists.
+        self._integrity.record(relative, buf)
 
     def _write_file(self, path: str, buf: bytes | memoryview) -> None:
         if not self._local:
@@ -95,6 +107,9 @@ class FsspecStoragePlugin(StoragePlugin):
             self._created_dirs.add(parent)
 
     def _commit(self, metadata: bytes) -> None:
+        # The sidecar is data as far as durability goes: written (and fsynced) before the
+        # marker, so a committed checkpoint always has the sidecar it was written with.
+        self._write_file(self._full_path(INTEGRITY_FNAME), self._integrity.sidecar_bytes())
         marker = self._full_path(SNAPSHOT_METADATA_FNAME)
         if not self._local:
             self.fs.pipe_file(marker, metadata)  # one PUT: visible whole or not at all
@@ -108,13 +123,5 @@ class FsspecStoragePlugin(StoragePlugin):
         os.replace(temporary, marker)
         # Make the new directory entries durable, deepest first, up to save_dir.
         for directory in sorted(self._created_dirs, key=len, reverse=True):
-            _fsync_directory(directory)
-        _fsync_directory(os.path.dirname(self.root) or ".")
-
-
-def _fsync_directory(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+            fsync_directory(directory)
+        fsync_directory(os.path.dirname(self.root) or ".")
