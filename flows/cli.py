@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from tml_checkpointing.cli import build_parser
-from tml_checkpointing.errors import CheckpointError
+from tml_checkpointing.cli import main as tml_main
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -46,6 +45,8 @@ def _train(args: argparse.Namespace) -> int:
         fail_at_step=args.fail_at_step,
         wait_for_evaluators=args.wait_for_evaluator,
         evaluator_timeout=args.evaluator_timeout,
+        keep_last=args.keep_last,
+        keep_every_steps=args.keep_every_steps,
     )
     if args.json:
         summary = result.model_dump(exclude={"epochs"})
@@ -146,6 +147,8 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
         help="after the final save, wait for this partition's evaluator (repeatable)",
     )  # fmt: skip
     train.add_argument("--evaluator-timeout", type=_positive_float, default=600.0)
+    train.add_argument("--keep-last", type=_positive, default=None, help="retention")
+    train.add_argument("--keep-every-steps", type=_positive, default=None, help="milestones")
     train.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
     train.set_defaults(handler=_train)
 
@@ -172,14 +175,7 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    add_flow_commands(parser)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except CheckpointError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}")
-        return 2
+    return tml_main(argv, extend=add_flow_commands)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ final checkpoint exists finishes at once. Parameters are flat keyword arguments 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -24,11 +27,13 @@ from recipes.base import DEFAULT_RECIPE
 from tasks.training import DEFAULT_TASK_RETRIES, train_epoch_task
 from tml_checkpointing import get_checkpoint
 from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_finish
+from tml_checkpointing.errors import PreemptedError
 from tml_checkpointing.locking import WriterLock
+from tml_checkpointing.preemption import PreemptionGuard
 from training.config import TrainConfig
 from training.loop import EpochResult, set_deterministic
 from training.run_info import write_run_info
-from training.session import close_session
+from training.session import close_session, get_session
 
 
 class TrainResult(BaseModel):
@@ -61,6 +66,8 @@ def train(
     epoch_retries: int = DEFAULT_TASK_RETRIES,
     wait_for_evaluators: list[str] | None = None,
     evaluator_timeout: float = 600,
+    keep_last: int | None = None,
+    keep_every_steps: int | None = None,
 ) -> TrainResult:
     """Train ``epochs`` epochs into ``save_dir``, resuming from its newest checkpoint.
 
@@ -68,6 +75,9 @@ def train(
     newest committed checkpoint). ``fail_at_step`` injects one failure, to watch that happen.
     ``wait_for_evaluators``: partitions whose evaluators must mark the final checkpoint done
     before the run ends (waits at most ``evaluator_timeout`` s; the result says who finished).
+    ``keep_last`` / ``keep_every_steps``: retention after each epoch (checkpoints the awaited
+    evaluators have not finished are kept). On SIGTERM/SIGUSR1 the step in progress is
+    checkpointed and the process exits with 128 + signum (the flow run ends Crashed).
     """
     config = TrainConfig(
         save_dir=save_dir,
@@ -81,6 +91,9 @@ def train(
         initial_checkpoint=initial_checkpoint,
         storage_options=storage_options,
         fail_at_step=fail_at_step,
+        keep_last=keep_last,
+        keep_every_steps=keep_every_steps,
+        keep_until_evaluated=tuple(wait_for_evaluators or ()),
     )
     owner = f"train flow run {flow_run.get_name()} ({flow_run.get_id()})"
     # The run owns save_dir until it ends, evaluator wait included: a second run is refused.
@@ -130,11 +143,18 @@ def run_training(config: TrainConfig, epoch_retries: int = DEFAULT_TASK_RETRIES)
     results: list[EpochResult] = []
     epoch_task = train_epoch_task.with_options(retries=epoch_retries)
     try:
-        for epoch in range(config.epochs):
-            # A skipped epoch returns a "Skipped" state; .result() gives its data either way.
-            state = epoch_task(config, epoch, return_state=True)
-            results.append(state.result())
-            update_progress_artifact(progress, progress=100.0 * (epoch + 1) / config.epochs)
+        with preemption_guard() as guard:
+            get_session(config).preemption = guard
+            for epoch in range(config.epochs):
+                # A skipped epoch returns a "Skipped" state; .result() gives its data either way.
+                state = epoch_task(config, epoch, return_state=True)
+                results.append(state.result())
+                update_progress_artifact(progress, progress=100.0 * (epoch + 1) / config.epochs)
+    except PreemptedError as preempted:
+        logger.warning("%s", preempted)
+        # Exiting (not failing) marks the flow run Crashed, and no in-process retry starts on
+        # a machine that is going away; the next run resumes from the final checkpoint.
+        raise SystemExit(preempted.exit_code) from preempted
     finally:
         close_session(config)
     result = TrainResult(
@@ -185,3 +205,14 @@ def _publish(result: TrainResult) -> None:
         ),
         description="Training summary",
     )
+
+
+@contextlib.contextmanager
+def preemption_guard() -> Iterator[PreemptionGuard | None]:
+    """Catch SIGTERM/SIGUSR1 while training, where Python can (the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        get_run_logger().warning("Not in the main thread: preemption signals are not caught.")
+        yield None
+        return
+    with PreemptionGuard() as guard:
+        yield guard

@@ -12,8 +12,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
+from tml_checkpointing.errors import PreemptedError
 from training.config import TrainConfig
 from training.loop import EpochResult, train_epoch
 from training.session import get_session
@@ -29,6 +31,7 @@ DEFAULT_TASK_RETRIES = 2
     # The checkpoint directory decides what is done; Prefect's cache could outlive or
     # predate the files (and would hash the config on every call for nothing).
     cache_policy=NO_CACHE,
+    retry_condition_fn=lambda task, task_run, state: not _preempted(state),
 )
 def train_epoch_task(config: TrainConfig, epoch: int) -> Any:
     logger = get_run_logger()
@@ -40,3 +43,8 @@ def train_epoch_task(config: TrainConfig, epoch: int) -> Any:
             data=result,
         )
     return result
+
+
+def _preempted(state: State) -> bool:
+    """A preempted epoch is not retried: the process is about to exit."""
+    return isinstance(state.result(raise_on_failure=False), PreemptedError)

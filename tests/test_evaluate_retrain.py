@@ -19,11 +19,11 @@ from tml_checkpointing import (
     get_checkpoint,
     get_checkpoints,
     mark_done_eval,
+    read_checkpoint_metrics,
     step_from_checkpoint,
 )
 from tml_checkpointing.locking import LOCK_NAME
 from training.config import TrainConfig
-from training.evaluation import read_metrics
 
 from .conftest import PrefectServer
 from .training_helpers import assert_bit_identical, checkpoint_tensors, plain_run
@@ -63,7 +63,8 @@ def test_evaluator_beside_training_evaluates_each_checkpoint_once(
     assert summary.reached_final and summary.final_step == 12
     for checkpoint in get_checkpoints(save_dir):
         assert evaluated_partitions(checkpoint) == ["validation"]
-        assert read_metrics(checkpoint, "validation")["examples"] == 64
+        assert read_checkpoint_metrics(checkpoint, partition="validation")["examples"] == 64
+        assert "validation/loss" in read_checkpoint_metrics(checkpoint)
 
     again = evaluate(save_dir=save_dir, partition="validation", eval_steps=2, timeout=5)
     assert (again.evaluated, again.skipped) == ([], committed)

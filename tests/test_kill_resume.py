@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -110,4 +111,35 @@ def test_sigkill_at_random_moments_then_resume(
     assert summary["final_step"] == 30
     assert summary["checkpoint"] == f"{save_dir}/30"
     assert {"epochs_run", "epochs_skipped"} <= summary.keys()
+    assert_bit_identical(checkpoint_tensors(save_dir), checkpoint_tensors(reference.save_dir))
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_is_bit_identical(
+    prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    reference = TrainConfig(save_dir=str(tmp_path / "reference"), **PARAMS)
+    plain_run(reference)
+    save_dir = str(tmp_path / "preempted")
+    command = tml_train(save_dir)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=prefect_server.env(), start_new_session=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    output = []
+    for line in process.stdout:  # training is under way once the first save is logged
+        output.append(line)
+        if "saving mid-epoch checkpoint" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output.extend(process.stdout)
+    assert process.wait(timeout=120) == 143, "".join(output)[-3000:]
+    match = re.search(r"training stopped by SIGTERM at step (\d+); last checkpoint: step (\d+)",
+                      "".join(output))  # fmt: skip
+    assert match, "".join(output)[-3000:]
+    stopped_at = int(match.group(1))
+    assert stopped_at > 2 and int(match.group(2)) == stopped_at  # the step in progress, saved
+    assert get_checkpoints(save_dir)[-1] == f"{save_dir}/{stopped_at}"
+    final = subprocess.run(command, capture_output=True, text=True, env=prefect_server.env())
+    assert final.returncode == 0, final.stderr[-3000:]
     assert_bit_identical(checkpoint_tensors(save_dir), checkpoint_tensors(reference.save_dir))

@@ -26,6 +26,15 @@ class TrainConfig(BaseModel):
         default=None, description="warm start: restore weights only from here, step starts at 0"
     )
     storage_options: dict[str, Any] | None = None
+    keep_last: int | None = Field(
+        default=None, ge=1, description="retention: keep the newest N checkpoints (None = all)"
+    )
+    keep_every_steps: int | None = Field(
+        default=None, ge=1, description="retention: also keep every K-th step as a milestone"
+    )
+    keep_until_evaluated: tuple[str, ...] = Field(
+        default=(), description="retention: keep checkpoints until these partitions evaluated them"
+    )
     fail_at_step: int | None = Field(
         default=None, ge=1, description="inject one failure when this step is reached (tests)"
     )

@@ -1,14 +1,14 @@
 """Evaluating one checkpoint on one partition, as a plain function (no Prefect inside).
 
 The model is rebuilt from the run's recipe (``run.json``) and gets the checkpoint's weights
-only. Metrics go to ``<checkpoint>/eval/<partition>.json``, then the partition's done-marker
+only. Metrics go to ``<checkpoint>/eval/<partition>.json`` (``write_checkpoint_metrics``, so
+``keep_best`` can rank by ``"<partition>/<metric>"``), then the partition's done-marker
 is set: a checkpoint already marked is not evaluated again, so a restarted evaluator picks up
 exactly where it stopped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Literal
@@ -19,12 +19,12 @@ from recipes.base import load_recipe
 from tml_checkpointing import (
     Snapshot,
     is_done_eval,
-    join_url,
     mark_done_eval,
+    read_checkpoint_metrics,
     step_from_checkpoint,
+    write_checkpoint_metrics,
 )
-from tml_checkpointing.evaluation import done_marker_path
-from tml_checkpointing.filesystem import StorageOptions, resolve
+from tml_checkpointing.evaluation import metrics_path
 
 from .run_info import read_run_info
 
@@ -51,21 +51,6 @@ class EvalResult(BaseModel):
     metrics_path: str
 
 
-def metrics_path(checkpoint: str, partition: str) -> str:
-    done_marker_path(checkpoint, partition)  # validates the partition name
-    return join_url(checkpoint, "eval", f"{partition}.json")
-
-
-def read_metrics(
-    checkpoint: str, partition: str, storage_options: StorageOptions | None = None
-) -> dict[str, float]:
-    fs, path = resolve(metrics_path(checkpoint, partition), storage_options)
-    try:
-        return dict(json.loads(fs.cat_file(path)))
-    except FileNotFoundError:
-        return {}
-
-
 def evaluate_checkpoint(
     config: EvalConfig, checkpoint: str, log: Callable[[str], object] = logger.info
 ) -> EvalResult:
@@ -80,7 +65,9 @@ def evaluate_checkpoint(
             step=step,
             partition=config.partition,
             status="skipped",
-            metrics=read_metrics(checkpoint, config.partition, options),
+            metrics=read_checkpoint_metrics(
+                checkpoint, partition=config.partition, storage_options=options
+            ),
             metrics_path=path,
         )
     info = read_run_info(config.save_dir, options)
@@ -91,9 +78,9 @@ def evaluate_checkpoint(
     metrics = recipe.evaluate(
         recipe.model, recipe.eval_batches(config.partition, config.eval_steps)
     )
-    fs, fs_path = resolve(path, options)
-    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(fs_path, json.dumps(metrics, indent=2).encode())
+    write_checkpoint_metrics(
+        checkpoint, metrics, partition=config.partition, storage_options=options
+    )
     mark_done_eval(checkpoint, config.partition, storage_options=options)
     log(
         f"step {step}: {config.partition} "

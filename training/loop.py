@@ -4,7 +4,8 @@ Global steps count from 1; epoch ``e`` covers steps ``e*K+1 .. (e+1)*K`` (K = st
 epoch) and always ends with a committed checkpoint at ``(e+1)*K``. Batch ``i`` of epoch ``e``
 is ``recipe.train_batch(e, i)``, a pure function of (seed, epoch, index), and the RNG state is
 in every checkpoint, so a run resumed from any checkpoint continues bit for bit as an
-uninterrupted one.
+uninterrupted one. On a preemption signal (see ``PreemptionGuard``) the step in progress is
+finished, checkpointed, and ``PreemptedError`` raised.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
-from tml_checkpointing import CheckpointWriteError, join_url
+from tml_checkpointing import (
+    CheckpointWriteError,
+    RetentionPolicy,
+    join_url,
+    prune,
+    save_final_checkpoint,
+)
 
 from .session import TrainingSession
 
@@ -85,6 +92,9 @@ def train_epoch(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if session.preemption is not None and session.preemption.requested:
+                snapshot.walltime += time.perf_counter() - started
+                save_final_checkpoint(snapshot, step, session.preemption)  # raises
             every = config.checkpoint_every_steps
             if step < last and every and step % every == 0:
                 snapshot.walltime += time.perf_counter() - started
@@ -93,6 +103,7 @@ def train_epoch(
         snapshot.walltime += time.perf_counter() - started
         snapshot.save(last)
         snapshot.wait()
+        _apply_retention(session)
     except BaseException:
         _drain_pending_save(session)
         raise
@@ -116,6 +127,20 @@ def train_epoch(
         + (f" (resumed from step {resumed_from})" if resumed_from >= first else "")
     )
     return result
+
+
+def _apply_retention(session: TrainingSession) -> None:
+    """Prune after a committed, waited-for save: never the newest valid checkpoint, never
+    one still being written, never one an awaited evaluator has not finished."""
+    config = session.config
+    if not config.keep_last:
+        return
+    policy = RetentionPolicy(
+        keep_last=config.keep_last,
+        keep_every_steps=config.keep_every_steps,
+        keep_until_evaluated=list(config.keep_until_evaluated),
+    )
+    prune(config.save_dir, policy, storage_options=config.storage_options)
 
 
 _injected_failures: set[tuple[str, int]] = set()

@@ -4,7 +4,7 @@ Prefect tasks receive config and return small results; the model and optimizer l
 the process, looked up by the run's config. The checkpoint directory is the one source of
 truth: a session knows at which committed step its in-memory state is exact
 (``synced_step``), and anything else -- a fresh process, a task retry after a failure
-half-way through an epoch -- restores the newest committed checkpoint first.
+half-way through an epoch -- restores the newest checkpoint that verifies first.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import threading
 from torchsnapshot import RNGState
 
 from recipes.base import Recipe, load_recipe
-from tml_checkpointing import Snapshot, get_checkpoint, step_from_checkpoint
+from tml_checkpointing import (
+    PreemptionGuard,
+    Snapshot,
+    get_latest_valid_checkpoint,
+    list_checkpoints,
+    quarantine_checkpoint,
+    step_from_checkpoint,
+)
 
 from .config import TrainConfig
 
@@ -29,6 +36,7 @@ class TrainingSession:
         self.config = config
         self.synced_step: int | None = None
         self.pristine = True  # state is exactly what the recipe built (nothing trained yet)
+        self.preemption: PreemptionGuard | None = None  # set by the flow, checked every step
         self._build()
 
     def _build(self) -> None:
@@ -41,8 +49,9 @@ class TrainingSession:
         )
 
     def latest_checkpoint(self) -> str:
-        return get_checkpoint(
-            self.config.save_dir, missing_ok=True, storage_options=self.config.storage_options
+        """The newest checkpoint that verifies (a corrupt newer one is skipped, loudly)."""
+        return get_latest_valid_checkpoint(
+            self.config.save_dir, storage_options=self.config.storage_options
         )
 
     def latest_step(self) -> int:
@@ -57,6 +66,7 @@ class TrainingSession:
         """
         latest = self.latest_checkpoint()
         step = step_from_checkpoint(latest) if latest else 0
+        self._move_aside_newer_than(step)
         if self.synced_step == step:
             return step
         if latest:
@@ -71,6 +81,14 @@ class TrainingSession:
         self.snapshot.step = step
         self.synced_step = step
         return step
+
+    def _move_aside_newer_than(self, step: int) -> None:
+        """Committed checkpoints past the newest valid one are corrupt: training will write
+        those steps again, so they are moved aside (never deleted) to make room."""
+        options = self.config.storage_options
+        for checkpoint in list_checkpoints(self.config.save_dir, options):
+            if checkpoint.step > step:
+                quarantine_checkpoint(checkpoint.path, storage_options=options)
 
     def close(self) -> None:
         self.snapshot.close()
