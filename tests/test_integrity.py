@@ -154,3 +154,20 @@ def test_reader_sees_a_checkpoint_rewritten_by_another_process(s3_save_dir: str)
     state = make_state()
     Snapshot(s3_save_dir, state, storage_options=writer_options).save(1).wait()
     assert get_latest_valid_checkpoint(s3_save_dir, verify="full") == f"{s3_save_dir}/1"
+
+
+def test_quarantine_moves_a_checkpoint_aside_without_losing_it(save_dir: str) -> None:
+    import torch
+
+    from tml_checkpointing import Snapshot, get_checkpoints, quarantine_checkpoint
+    from tml_checkpointing.filesystem import resolve
+
+    with Snapshot(save_dir, {"model": torch.nn.Linear(2, 2)}) as snapshot:
+        snapshot.save(1)
+        snapshot.save(2)
+    moved = quarantine_checkpoint(f"{save_dir}/2")
+    assert moved.startswith(f"{save_dir}/2.corrupt-")
+    assert get_checkpoints(save_dir) == [f"{save_dir}/1"]
+    fs, path = resolve(moved)
+    assert fs.size(f"{path}/.snapshot_metadata") > 0  # all of it is still there
+    assert fs.exists(f"{path}/.integrity.json")
