@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from tml_checkpointing.cli import main as tml_main
+from tml_checkpointing.cli import positive_int
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -111,13 +112,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -133,22 +127,22 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     )
     train = commands.add_parser("train", help="run the training flow (resumes automatically)")
     train.add_argument("--save-dir", required=True, help="checkpoint directory or fsspec URL")
-    train.add_argument("--epochs", type=_positive, required=True)
-    train.add_argument("--steps-per-epoch", type=_positive, default=20)
-    train.add_argument("--batch-size", type=_positive, default=256)
+    train.add_argument("--epochs", type=positive_int, required=True)
+    train.add_argument("--steps-per-epoch", type=positive_int, default=20)
+    train.add_argument("--batch-size", type=positive_int, default=256)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every-steps", type=_non_negative, default=0)
     train.add_argument("--recipe", default=DEFAULT_RECIPE, help="module:function")
     train.add_argument("--initial-checkpoint", default=None, help="warm start (weights only)")
-    train.add_argument("--fail-at-step", type=_positive, default=None, help="inject a failure")
+    train.add_argument("--fail-at-step", type=positive_int, default=None, help="inject a failure")
     train.add_argument(
         "--wait-for-evaluator", action="append", default=None, metavar="PARTITION",
         help="after the final save, wait for this partition's evaluator (repeatable)",
     )  # fmt: skip
     train.add_argument("--evaluator-timeout", type=_positive_float, default=600.0)
-    train.add_argument("--keep-last", type=_positive, default=None, help="retention")
-    train.add_argument("--keep-every-steps", type=_positive, default=None, help="milestones")
+    train.add_argument("--keep-last", type=positive_int, default=None, help="retention")
+    train.add_argument("--keep-every-steps", type=positive_int, default=None, help="milestones")
     train.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
     train.set_defaults(handler=_train)
 
@@ -157,7 +151,7 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     )
     evaluate.add_argument("--save-dir", required=True)
     evaluate.add_argument("--partition", default="validation")
-    evaluate.add_argument("--eval-steps", type=_positive, default=10)
+    evaluate.add_argument("--eval-steps", type=positive_int, default=10)
     evaluate.add_argument("--timeout", type=_positive_float, default=1800.0)
     evaluate.add_argument("--poll-seconds", type=_positive_float, default=10.0)
     evaluate.add_argument("--json", action="store_true")
@@ -165,8 +159,8 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
 
     retrain = commands.add_parser("retrain", help="a new dated run, warm-started from the last")
     retrain.add_argument("--runs-dir", required=True)
-    retrain.add_argument("--epochs", type=_positive, default=3)
-    retrain.add_argument("--steps-per-epoch", type=_positive, default=20)
+    retrain.add_argument("--epochs", type=positive_int, default=3)
+    retrain.add_argument("--steps-per-epoch", type=positive_int, default=20)
     retrain.add_argument("--seed", type=int, default=0)
     retrain.add_argument("--partition", action="append", default=None, help="repeatable")
     retrain.add_argument("--run-name", default=None, help="default: UTC date-time")
