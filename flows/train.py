@@ -1,9 +1,9 @@
 """The ``train`` flow: epochs as Prefect tasks over one in-process model, resumable anywhere.
 
-At start, ``get_checkpoint(save_dir)`` says where the run stands; completed epochs show up as
-"Skipped" task runs, a checkpoint taken mid-epoch resumes at the right batch, and a run whose
-final checkpoint exists finishes at once. Parameters are flat keyword arguments so that
-``prefect deployment run 'train/train' --param epochs=3`` and the UI's run form work.
+At start, ``get_latest_valid_checkpoint(save_dir)`` says where the run stands; completed
+epochs show up as "Skipped" task runs, a checkpoint taken mid-epoch resumes at the right batch,
+and a run whose final checkpoint exists finishes at once. Parameters are flat keyword arguments
+so that ``prefect deployment run 'train/train' --param epochs=3`` and the UI's run form work.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from recipes.base import DEFAULT_RECIPE
 from tasks.training import DEFAULT_TASK_RETRIES, train_epoch_task
-from tml_checkpointing import get_checkpoint
+from tml_checkpointing import get_latest_valid_checkpoint
 from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_finish
 from tml_checkpointing.errors import PreemptedError
 from tml_checkpointing.locking import WriterLock
@@ -133,8 +133,8 @@ def run_training(config: TrainConfig, epoch_retries: int = DEFAULT_TASK_RETRIES)
     logger = get_run_logger()
     set_deterministic()
     write_run_info(config)
-    resumed_from = get_checkpoint(
-        config.save_dir, missing_ok=True, storage_options=config.storage_options
+    resumed_from = get_latest_valid_checkpoint(
+        config.save_dir, storage_options=config.storage_options
     )
     logger.info(
         "Run %s: %s", config.save_dir, f"resuming from {resumed_from}" if resumed_from else "fresh"
@@ -157,7 +157,7 @@ def run_training(config: TrainConfig, epoch_retries: int = DEFAULT_TASK_RETRIES)
         raise SystemExit(preempted.exit_code) from preempted
     finally:
         close_session(config)
-    result = TrainResult(
+    return TrainResult(
         save_dir=config.save_dir,
         final_step=results[-1].last_step,
         checkpoint=results[-1].checkpoint,
@@ -166,7 +166,6 @@ def run_training(config: TrainConfig, epoch_retries: int = DEFAULT_TASK_RETRIES)
         epochs_skipped=[r.epoch for r in results if r.status == "skipped"],
         epochs=results,
     )
-    return result
 
 
 def _publish(result: TrainResult) -> None:

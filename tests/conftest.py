@@ -157,7 +157,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     log_path = tmp_path_factory.mktemp("prefect") / "server.log"
-    env = {**os.environ, "PREFECT_UI_API_URL": api_url, "PREFECT_SERVER_UI_ENABLED": "true"}
+    env = {
+        **os.environ,
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_UI_ENABLED": "true",
+        # The scheduler service creates a cron deployment's runs on its loop (60 s by default);
+        # the deployment test waits for them, so loop often.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    }
     env.pop("PREFECT_API_URL", None)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
