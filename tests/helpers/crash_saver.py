@@ -49,6 +49,12 @@ def load_weights(model: torch.nn.Module, tensors: list[torch.Tensor]) -> None:
             parameter.copy_(value)
 
 
+def say(message: str) -> None:
+    """One line in one write(2): a SIGKILL cannot cut it in half (print may write the text and
+    the newline separately, and a torn "committed 2" then runs into the zygote's next line)."""
+    os.write(1, f"{message}\n".encode())
+
+
 def child(save_dir: str) -> None:
     model = make_model()
     snapshot = Snapshot(save_dir, {"model": model})
@@ -57,32 +63,31 @@ def child(save_dir: str) -> None:
     if latest:
         snapshot.restore(latest)
         step = snapshot.step + 1
-    print("started", flush=True)
+    say("started")
     while True:
         load_weights(model, expected_weights(step))
         snapshot.save(step).wait()
-        print(f"committed {step}", flush=True)
+        say(f"committed {step}")
         prune(save_dir, RetentionPolicy(keep_last=2))
         step += 1
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    print("ready", flush=True)
+    say("ready")
     for line in sys.stdin:
         save_dir = line.strip()
         if not save_dir:
             continue
-        sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
             try:
                 child(save_dir)
             finally:
                 os._exit(3)
-        print(f"child {pid}", flush=True)
+        say(f"child {pid}")
         _, status = os.waitpid(pid, 0)
-        print(f"exited {pid} {status}", flush=True)
+        say(f"exited {pid} {status}")
 
 
 if __name__ == "__main__":
