@@ -59,7 +59,7 @@ class TrainingSession:
         return step_from_checkpoint(latest) if latest else 0
 
     def sync_with_storage(self) -> int:
-        """Make the in-memory state exactly the newest committed checkpoint; return its step.
+        """Make the in-memory state exactly the newest valid checkpoint; return its step.
 
         With no checkpoint yet, that is the recipe's fresh state (warm-started from
         ``initial_checkpoint`` when given), rebuilt if this session already trained.
