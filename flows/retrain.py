@@ -23,7 +23,7 @@ from flows.evaluate import evaluate
 from flows.train import train
 from recipes.base import DEFAULT_RECIPE
 from tml_checkpointing import get_checkpoint, join_url
-from tml_checkpointing.filesystem import StorageOptions, resolve
+from tml_checkpointing.filesystem import StorageOptions, replace_file, resolve
 
 LINEAGE_NAME = "lineage.json"
 
@@ -156,5 +156,4 @@ def read_lineage(run_dir: str, storage_options: StorageOptions | None = None) ->
 
 def write_lineage(lineage: Lineage, storage_options: StorageOptions | None = None) -> None:
     fs, path = resolve(join_url(lineage.run_dir, LINEAGE_NAME), storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, lineage.model_dump_json(indent=2).encode())
+    replace_file(fs, path, lineage.model_dump_json(indent=2).encode())

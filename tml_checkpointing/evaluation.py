@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .discovery import get_checkpoint, is_committed, step_from_checkpoint
 from .errors import CheckpointNotFoundError, InvalidPartitionNameError
-from .filesystem import StorageOptions, invalidate_listing, is_local, join_url, resolve
+from .filesystem import StorageOptions, invalidate_listing, join_url, replace_file, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -196,17 +194,7 @@ def write_checkpoint_metrics(
         if not isinstance(name, str) or not name:
             raise ValueError(f"metric names must be non-empty strings, got {name!r}")
         merged[name] = float(value)
-    body = json.dumps(merged, sort_keys=True).encode()
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    if is_local(fs):
-        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    else:
-        fs.pipe_file(path, body)
+    replace_file(fs, path, json.dumps(merged, sort_keys=True).encode())
     return merged
 
 

@@ -8,6 +8,7 @@ caller gave, never from what a filesystem's ``ls`` returns (s3fs drops the schem
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import fsspec
@@ -91,6 +92,26 @@ def fsync_directory(path: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all, so a reader (or a crash) never sees half a file.
+
+    Local disk: a fsynced temporary file renamed over ``path``, then the directory fsynced.
+    Object stores and memory: one PUT, which is atomic already.
+    """
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_directory(parent)
 
 
 def invalidate_listing(fs: AbstractFileSystem, path: str) -> None:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 
 from .errors import SaveDirLockedError
-from .filesystem import StorageOptions, is_local, join_url, resolve
+from .filesystem import StorageOptions, is_local, join_url, replace_file, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,9 @@ class WriterLock:
             if holder is None or holder.token != self._token:
                 logger.error("Lost the writer lock on %s to %s.", self.save_dir, holder)
                 return
-            self._fs.pipe_file(self._fs_path, self._record(self._acquired_at))
+            # Replaced whole: a reader must never see a torn record and take it for a dead
+            # holder's lock.
+            replace_file(self._fs, self._fs_path, self._record(self._acquired_at))
 
     def release(self) -> None:
         self._stop.set()

@@ -27,13 +27,12 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import uuid
 from typing import Any
 
 from torchsnapshot.io_types import ReadIO, StoragePlugin, WriteIO
 from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
 
-from .filesystem import StorageOptions, fsync_directory, is_local, resolve
+from .filesystem import StorageOptions, fsync_directory, is_local, replace_file, resolve
 from .integrity import INTEGRITY_FNAME, IntegrityRecorder
 
 TRANSPORT_SCHEME = "tml-fsspec"
@@ -110,17 +109,9 @@ class FsspecStoragePlugin(StoragePlugin):
         # The sidecar is data as far as durability goes: written (and fsynced) before the
         # marker, so a committed checkpoint always has the sidecar it was written with.
         self._write_file(self._full_path(INTEGRITY_FNAME), self._integrity.sidecar_bytes())
-        marker = self._full_path(SNAPSHOT_METADATA_FNAME)
+        replace_file(self.fs, self._full_path(SNAPSHOT_METADATA_FNAME), metadata)
         if not self._local:
-            self.fs.pipe_file(marker, metadata)  # one PUT: visible whole or not at all
             return
-        self._ensure_parent(marker)
-        temporary = f"{marker}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open(temporary, "wb") as handle:
-            handle.write(metadata)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, marker)
         # Make the new directory entries durable, deepest first, up to save_dir.
         for directory in sorted(self._created_dirs, key=len, reverse=True):
             fsync_directory(directory)

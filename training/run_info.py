@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from recipes.base import RecipeParams
 from tml_checkpointing import CheckpointError, join_url
-from tml_checkpointing.filesystem import StorageOptions, resolve
+from tml_checkpointing.filesystem import StorageOptions, replace_file, resolve
 
 from .config import TrainConfig
 
@@ -55,8 +55,7 @@ class RunInfo(BaseModel):
 
 def write_run_info(config: TrainConfig) -> None:
     fs, path = resolve(join_url(config.save_dir, RUN_INFO_NAME), config.storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, RunInfo.of(config).model_dump_json(indent=2).encode())
+    replace_file(fs, path, RunInfo.of(config).model_dump_json(indent=2).encode())
 
 
 def read_run_info(save_dir: str, storage_options: StorageOptions | None = None) -> RunInfo:
