@@ -24,6 +24,7 @@ from tml_checkpointing import (
     join_url,
     prune,
     save_final_checkpoint,
+    step_from_checkpoint,
 )
 
 from .session import TrainingSession
@@ -63,7 +64,8 @@ def train_epoch(
     config = session.config
     first, last = config.epoch_steps(epoch)
     checkpoint = join_url(config.save_dir, str(last))
-    latest_step = session.latest_step()
+    latest = session.latest_checkpoint()
+    latest_step = step_from_checkpoint(latest) if latest else 0
     if latest_step >= last:
         log(f"epoch {epoch}: skipped, checkpoint at step {latest_step} covers steps {first}-{last}")
         return EpochResult(
@@ -75,7 +77,7 @@ def train_epoch(
             resumed_from_step=latest_step,
         )
 
-    resumed_from = session.sync_with_storage()
+    resumed_from = session.sync_with_storage(latest)
     start = max(first, resumed_from + 1)
     model, optimizer, snapshot = session.recipe.model, session.recipe.optimizer, session.snapshot
     model.train()

@@ -54,17 +54,15 @@ class TrainingSession:
             self.config.save_dir, storage_options=self.config.storage_options
         )
 
-    def latest_step(self) -> int:
-        latest = self.latest_checkpoint()
-        return step_from_checkpoint(latest) if latest else 0
-
-    def sync_with_storage(self) -> int:
+    def sync_with_storage(self, latest: str | None = None) -> int:
         """Make the in-memory state exactly the newest valid checkpoint; return its step.
 
         With no checkpoint yet, that is the recipe's fresh state (warm-started from
         ``initial_checkpoint`` when given), rebuilt if this session already trained.
+        ``latest``: the caller's fresh answer of :meth:`latest_checkpoint`, not asked twice.
         """
-        latest = self.latest_checkpoint()
+        if latest is None:
+            latest = self.latest_checkpoint()
         step = step_from_checkpoint(latest) if latest else 0
         self._move_aside_newer_than(step)
         if self.synced_step == step:
