@@ -18,7 +18,7 @@ from tml_checkpointing import (
     get_latest_valid_checkpoint,
     verify_checkpoint,
 )
-from tml_checkpointing.integrity import INTEGRITY_FNAME
+from tml_checkpointing.layout import INTEGRITY_SIDECAR as INTEGRITY_FNAME
 
 from .conftest import S3Server
 
@@ -49,9 +49,11 @@ def test_sidecar_records_every_data_file_and_verifies(save_dir: str) -> None:
     _, _, checkpoint = save_two(save_dir)
     fs, root = fsspec.core.url_to_fs(checkpoint)
     sidecar = json.loads(fs.cat_file(f"{root}/{INTEGRITY_FNAME}"))
-    assert sidecar["version"] == 1 and sidecar["algorithm"] == "xxh3_64"
+    assert sidecar["version"] == 2 and sidecar["algorithm"] == "xxh3_64"
+    block = sidecar["block_size"]
     for name, entry in sidecar["files"].items():
         assert fs.size(f"{root}/{name}") == entry["size"]
+        assert len(entry["blocks"]) == max(1, -(-entry["size"] // block))
     assert not any(name.startswith(".snapshot_metadata") for name in sidecar["files"])
     for level in ("size", "full"):
         report = verify_checkpoint(checkpoint, level=level)
@@ -80,7 +82,9 @@ def test_truncated_file_is_caught_by_size_check_and_resume_falls_back(
     assert torch.equal(restored["model"][0].weight, make_state()["model"][0].weight)
 
 
-def test_flipped_byte_needs_full_verify(save_dir: str) -> None:
+def test_flipped_byte_is_caught_by_a_default_restore(save_dir: str) -> None:
+    """Same size, one bit changed: only checksums see it, and a default restore hashes every
+    byte it reads."""
     _, first, second = save_two(save_dir)
     victim = largest_data_file(second)
     fs, root = fsspec.core.url_to_fs(second)
@@ -90,9 +94,11 @@ def test_flipped_byte_needs_full_verify(save_dir: str) -> None:
     assert verify_checkpoint(second, level="size").status == "valid"  # same size
     report = verify_checkpoint(second, level="full", raise_on_corrupt=False)
     assert report.status == "corrupt" and report.problems[0].path == victim
-    with pytest.raises(CorruptCheckpointError, match=victim):
-        Snapshot(save_dir, make_state(1)).restore(second, verify="full")
+    with pytest.raises(CorruptCheckpointError, match=victim) as caught:
+        Snapshot(save_dir, make_state(1)).restore(second)
+    assert caught.value.path == victim and caught.value.checkpoint == second
     assert get_latest_valid_checkpoint(save_dir, verify="full") == first
+    Snapshot(save_dir, make_state(1)).restore(second, verify="size")  # the caller's choice
 
 
 def test_garbage_marker_is_corrupt_and_resume_skips_it(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torchsnapshot
 from torchsnapshot import RNGState, StateDict
 
 from tml_checkpointing import (
+    CheckpointError,
     CheckpointExistsError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -246,7 +247,8 @@ def test_failed_background_write_commits_nothing(tmp_path: Path) -> None:
 
 def test_failed_s3_write_commits_nothing(s3_server: Any) -> None:
     save_dir = "s3://no-such-bucket-here/run"
-    with pytest.raises(CheckpointWriteError, match="nothing was committed"):
+    # A missing bucket is named (and never created): StorageLocationNotFoundError.
+    with pytest.raises(CheckpointError, match="no-such-bucket-here' does not exist"):
         Snapshot(save_dir, make_state()).save(3).wait()
     assert get_checkpoints(save_dir) == []
 

@@ -5,7 +5,9 @@ ignore such directories, but they take space. They cannot be told apart from a c
 another process is writing *right now*, so only ones whose newest file is older than a
 threshold are listed or removed, and only on request (CLI ``clean-incomplete``), never
 automatically. Age comes from the newest modification time of anything in the directory,
-read from one recursive listing (``LastModified`` on object stores).
+read from one recursive listing (``LastModified`` on object stores). A directory claimed by a
+save in flight (:mod:`tml_checkpointing.claims`) whose process is alive is never removed,
+whatever its age.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
-
-from .discovery import is_committed, parse_step
+from . import events
+from .claims import read_claim
+from .discovery import is_committed
 from .errors import InvalidArgumentError
+from .faults import reading, writing
 from .filesystem import (
     StorageOptions,
+    find_tree,
     fsync_directory,
     invalidate_listing,
     is_local,
@@ -29,7 +33,8 @@ from .filesystem import (
     resolve,
 )
 from .integrity import mtime_of
-from .retention import assert_save_dir
+from .layout import StepListing, group_by_step, quarantine_name
+from .retention import assert_save_dir, delete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ class IncompleteCheckpoint:
     newest_mtime: float | None
     age_s: float | None
     size: int
+    claimed_by: str = ""  # the live save that claims it ("" when none)
 
 
 def find_incomplete(
@@ -53,11 +59,13 @@ def find_incomplete(
     now: float | None = None,
 ) -> list[IncompleteCheckpoint]:
     """Uncommitted step directories under ``save_dir`` whose newest file is older than
-    ``older_than_s`` seconds, sorted by step. Directories with no readable age are skipped."""
+    ``older_than_s`` seconds and that no live save claims, sorted by step. Directories with
+    no readable age are skipped."""
+    threshold = _checked(older_than_s)
     return [
         entry
         for entry in scan_incomplete(save_dir, storage_options=storage_options, now=now)
-        if entry.age_s is not None and entry.age_s >= _checked(older_than_s)
+        if entry.age_s is not None and entry.age_s >= threshold and not entry.claimed_by
     ]
 
 
@@ -69,25 +77,37 @@ def scan_incomplete(
     fs, root = resolve(save_dir, storage_options)
     root = root.rstrip("/")
     now = time.time() if now is None else now
-    groups = _group_by_step(fs, root)
+    groups = _group_by_step(fs, root, save_dir)
     found: list[IncompleteCheckpoint] = []
-    for name, (infos, committed) in sorted(groups.items(), key=lambda item: int(item[0])):
-        if committed:
+    for group in sorted(groups.values(), key=lambda g: g.step):
+        if group.committed:
             continue
-        times = [t for t in (mtime_of(info) for info in infos) if t is not None]
+        path = join_url(save_dir, group.name)
+        times = [t for t in (mtime_of(info) for info in group.files.values()) if t is not None]
         newest = max(times) if times else None
         found.append(
             IncompleteCheckpoint(
-                step=int(name),
-                path=join_url(save_dir, name),
+                step=group.step,
+                path=path,
                 newest_mtime=newest,
                 age_s=None if newest is None else max(0.0, now - newest),
-                size=sum(
-                    int(info.get("size") or 0) for info in infos if info.get("type") != "directory"
-                ),
+                size=sum(int(info.get("size") or 0) for info in group.files.values()),
+                claimed_by=_live_claimant(path, group, storage_options),
             )
         )
     return found
+
+
+def _live_claimant(path: str, group: StepListing, storage_options: StorageOptions | None) -> str:
+    """Who is writing ``path`` right now ("" when nobody alive claims it)."""
+    if not group.claimed:
+        return ""
+    claim = read_claim(path, storage_options)
+    if claim is None or claim.process_alive() is False:
+        return ""
+    if claim.process_alive() is None:
+        return ""  # another host: the age threshold decides (see the module docstring)
+    return claim.describe()
 
 
 def clean_incomplete(
@@ -116,8 +136,10 @@ def clean_incomplete(
             logger.info("Leaving %s: it changed since it was listed.", candidate.path)
             continue
         fs, path = resolve(candidate.path, storage_options)
-        fs.rm(path, recursive=True)
+        with writing(f"(removing) {candidate.path}"):
+            fs.rm(path, recursive=True)
         logger.info("Removed incomplete checkpoint %s (age %.0fs).", path, candidate.age_s or 0)
+        events.emit(events.INCOMPLETE_REMOVED, path=candidate.path)
         removed.append(candidate)
     return removed
 
@@ -132,31 +154,12 @@ def _checked(older_than_s: float) -> float:
     return float(older_than_s)
 
 
-def _group_by_step(fs: Any, root: str) -> dict[str, tuple[list[dict[str, Any]], bool]]:
-    """``{step dir name: (infos of everything inside, committed?)}`` from one ``find``."""
+def _group_by_step(fs: Any, root: str, save_dir: str) -> dict[str, StepListing]:
+    """Everything under each step directory, from one ``find``."""
     invalidate_listing(fs, root)
-    try:
-        listing = fs.find(root, detail=True, withdirs=True)
-    except FileNotFoundError:
-        return {}
-    prefix = f"{root}/"
-    groups: dict[str, tuple[list[dict[str, Any]], bool]] = {}
-    for key, info in listing.items():
-        key = key.rstrip("/")
-        if not key.startswith(prefix):
-            continue
-        parts = key[len(prefix) :].split("/")
-        if parse_step(parts[0]) is None:
-            continue
-        if len(parts) == 1 and info.get("type") != "directory":
-            continue  # a file named like a step is not a checkpoint directory
-        infos, committed = groups.get(parts[0], ([], False))
-        infos.append(info)
-        committed = committed or (
-            len(parts) == 2 and parts[1] == SNAPSHOT_METADATA_FNAME and (info.get("size") or 0) > 0
-        )
-        groups[parts[0]] = (infos, committed)
-    return groups
+    with reading(f"the checkpoints in {save_dir}"):
+        listing = find_tree(fs, root, withdirs=True)
+    return group_by_step(root, listing)
 
 
 def quarantine_checkpoint(
@@ -172,18 +175,17 @@ def quarantine_checkpoint(
     original, marker first (a kill in between leaves an uncommitted original, never two
     committed copies).
     """
-    from .retention import delete_checkpoint
-
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = f"{checkpoint.rstrip('/')}.{reason}-{stamp}"
+    target = quarantine_name(checkpoint, reason)
     fs, source = resolve(checkpoint, storage_options)
     _, destination = resolve(target, storage_options)
-    if is_local(fs):
-        os.rename(source, destination)
-        fsync_directory(os.path.dirname(source.rstrip("/")) or ".")
-    else:
-        fs.copy(source.rstrip("/"), destination, recursive=True)
-        delete_checkpoint(checkpoint, storage_options)
+    with writing(f"(moving aside) {checkpoint}"):
+        if is_local(fs):
+            os.rename(source, destination)
+            fsync_directory(os.path.dirname(source.rstrip("/")) or ".")
+        else:
+            fs.copy(source.rstrip("/"), destination, recursive=True)
+            delete_checkpoint(checkpoint, storage_options)
     invalidate_listing(fs, source.rsplit("/", 1)[0])
     logger.warning("Moved %s aside to %s (%s).", checkpoint, target, reason)
+    events.emit(events.QUARANTINED, path=checkpoint, target=target, reason=reason)
     return target

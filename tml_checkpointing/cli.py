@@ -7,7 +7,9 @@ Exit codes every ``tml checkpoints`` command keeps, so scripts can rely on them:
 * 1 -- verification found at least one corrupt checkpoint;
 * 2 -- bad input: missing directory, not a checkpoint, unknown URL scheme, a number out of
   range, a malformed duration. Nothing is deleted when the input is bad;
-* 3 -- storage error while working (network down, permission denied).
+* 3 -- storage error while working: network down or timing out, permission denied, disk
+  full, or the save_dir held by another live writer. Nothing is judged corrupt, moved or
+  deleted because storage could not be read.
 
 ``--json`` makes stdout pure JSON (errors too: ``{"error": ..., "exit_code": ...}``); tables,
 progress bars and messages go to stderr or are left out.
@@ -35,16 +37,23 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from torchsnapshot.manifest import SnapshotMetadata
-from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
 
 from . import __version__
 from .cleanup import IncompleteCheckpoint, clean_incomplete, find_incomplete, scan_incomplete
-from .discovery import is_committed, scan_checkpoints
-from .errors import CheckpointError, CorruptCheckpointError
+from .discovery import is_committed, non_canonical_entries, scan_checkpoints
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    SaveDirLockedError,
+)
 from .evaluation import evaluated_partitions
-from .filesystem import basename, invalidate_listing, resolve
-from .integrity import VerifyReport, verify_checkpoint
+from .faults import is_storage_fault
+from .filesystem import basename, invalidate_listing, require_bucket, resolve
+from .integrity import VerifyReport, read_metadata, verify_checkpoint
+from .layout import COMMIT_MARKER
 from .retention import RetentionPlan, RetentionPolicy, assert_save_dir, prune
 
 EXIT_OK = 0
@@ -150,6 +159,7 @@ def _require_directory(path: str) -> None:
     fs, root = resolve(path)
     invalidate_listing(fs, root)
     if not fs.isdir(root):
+        require_bucket(fs, root)  # a missing bucket is named as such (exit 2)
         what = "is a file, not a directory" if fs.isfile(root) else "does not exist"
         raise BadInputError(f"{path} {what}")
 
@@ -159,8 +169,7 @@ def _require_checkpoint(path: str) -> None:
     if not is_committed(path):
         entries = "" if not _has_steps(path) else " (it holds <step> checkpoints: a save_dir?)"
         raise BadInputError(
-            f"{path} is not a committed checkpoint (no non-empty {SNAPSHOT_METADATA_FNAME})"
-            f"{entries}"
+            f"{path} is not a committed checkpoint (no non-empty {COMMIT_MARKER}){entries}"
         )
 
 
@@ -198,7 +207,7 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
                     age_s=None if report.newest_mtime is None else now - report.newest_mtime,
                     problems=[str(p) for p in report.problems],
                 )
-            except CheckpointError:  # pruned between the listing and now
+            except CheckpointNotFoundError:  # pruned between the listing and now
                 row.update(state="incomplete", size=None, age_s=None, problems=[])
             row["evaluated_by"] = evaluated_partitions(entry.path)
         else:
@@ -211,6 +220,8 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
                 evaluated_by=[],
             )
         rows.append(row)
+
+    ignored = non_canonical_entries(args.save_dir)
 
     def render() -> None:
         table = Table(title=f"checkpoints in {args.save_dir}")
@@ -231,6 +242,11 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
         for row in rows:
             for problem in row["problems"]:
                 _err().print(f"[red]{escape(row['path'])}[/]: {escape(problem)}")
+        for path in ignored:
+            _err().print(
+                f"[yellow]ignored[/] {escape(path)}: not a canonical step name (write "
+                f"{escape(str(int(path.rstrip('/').rsplit('/', 1)[-1])))}, not a zero-padded one)"
+            )
 
     _emit(args, rows, render)
     return EXIT_OK
@@ -242,16 +258,14 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
 def _checkpoints_inspect(args: argparse.Namespace) -> int:
     _require_checkpoint(args.checkpoint)
     fs, root = resolve(args.checkpoint)
-    try:
-        metadata = SnapshotMetadata.from_yaml(
-            fs.cat_file(f"{root.rstrip('/')}/{SNAPSHOT_METADATA_FNAME}").decode()
-        )
-    except Exception as error:
+    metadata, why = read_metadata(fs, root.rstrip("/"), args.checkpoint)
+    if metadata is None:
         raise CorruptCheckpointError(
-            f"{args.checkpoint}: commit marker unreadable as torchsnapshot metadata ({error})",
+            f"{args.checkpoint}: commit marker unreadable as torchsnapshot metadata ({why})",
             checkpoint=args.checkpoint,
-            path=SNAPSHOT_METADATA_FNAME,
-        ) from error
+            path=COMMIT_MARKER,
+        )
+    report = verify_checkpoint(args.checkpoint, level="size", raise_on_corrupt=False)
     entries = [_describe_entry(name, entry) for name, entry in metadata.manifest.items()]
     entries = [e for e in entries if e["type"] not in ("dict", "list", "OrderedDict")]
     payload = {
@@ -260,6 +274,8 @@ def _checkpoints_inspect(args: argparse.Namespace) -> int:
         "version": metadata.version,
         "entries": entries,
         "tensor_bytes": sum(e["bytes"] or 0 for e in entries),
+        "state": report.status,
+        "problems": [str(p) for p in report.problems],
     }
 
     def render() -> None:
@@ -276,9 +292,11 @@ def _checkpoints_inspect(args: argparse.Namespace) -> int:
             )
         Console().print(table)
         Console().print(f"tensor data: {format_bytes(payload['tensor_bytes'])}")
+        for problem in report.problems:
+            _err().print(f"[bold red]corrupt[/]: {escape(str(problem))}")
 
     _emit(args, payload, render)
-    return EXIT_OK
+    return EXIT_CORRUPT if report.status == "corrupt" else EXIT_OK
 
 
 def _describe_entry(name: str, entry: Any) -> dict[str, Any]:
@@ -570,10 +588,23 @@ def main(
         return int(args.handler(args))
     except CorruptCheckpointError as error:
         return _fail(as_json, str(error), EXIT_CORRUPT)
+    except (CheckpointReadError, CheckpointWriteError, SaveDirLockedError) as error:
+        return _fail(as_json, storage_message(error), EXIT_STORAGE)
     except (CheckpointError, ValidationError) as error:
         return _fail(as_json, str(error), EXIT_BAD_INPUT)
-    except OSError as error:
-        return _fail(as_json, f"storage error: {type(error).__name__}: {error}", EXIT_STORAGE)
+    except Exception as error:
+        if isinstance(error, FileNotFoundError | NotADirectoryError):
+            return _fail(as_json, str(error), EXIT_BAD_INPUT)
+        if not is_storage_fault(error):
+            raise
+        return _fail(as_json, storage_message(error), EXIT_STORAGE)
+
+
+def storage_message(error: BaseException) -> str:
+    """A storage fault in one line: ours already say what failed; raw ones get their type."""
+    if isinstance(error, CheckpointError):
+        return f"storage error: {error}"
+    return f"storage error: {type(error).__name__}: {error}"
 
 
 def _fail(as_json: bool, message: str, code: int) -> int:

@@ -1,32 +1,48 @@
 """Finding committed checkpoints under a ``save_dir``: list, pick, follow.
 
 A checkpoint is the directory ``<save_dir>/<step>`` holding a non-empty ``.snapshot_metadata``
-marker (written last, atomically, by :mod:`tml_checkpointing.storage_plugin`). Anything else in
-``save_dir`` -- junk files, temp dirs, half-written checkpoints -- is not a checkpoint and is
-skipped, never fatal. Steps sort as numbers (2 < 10 < 100), not as strings.
+marker (written last, atomically, by :mod:`tml_checkpointing.storage_plugin`; names and the
+commit rule live in :mod:`tml_checkpointing.layout`). Anything else in ``save_dir`` -- junk
+files, temp dirs, half-written checkpoints, non-canonical names like ``007`` -- is not a
+checkpoint and is skipped, never fatal. Steps sort as numbers (2 < 10 < 100), not as strings.
+A listing that fails (permission, network) raises
+:class:`~tml_checkpointing.errors.CheckpointReadError`: "could not look" is never "nothing
+there".
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from fsspec import AbstractFileSystem
-from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
 
 from .errors import (
     CheckpointNotFoundError,
     InvalidCheckpointPathError,
     NotACheckpointDirectoryError,
 )
-from .filesystem import StorageOptions, basename, invalidate_listing, is_local, join_url, resolve
+from .faults import reading
+from .filesystem import (
+    StorageOptions,
+    basename,
+    find_tree,
+    invalidate_listing,
+    is_local,
+    join_url,
+    resolve,
+)
+from .layout import (
+    COMMIT_MARKER,
+    group_by_step,
+    is_non_canonical_step,
+    marker_commits,
+    parse_step,
+)
 
 logger = logging.getLogger(__name__)
-
-_STEP_NAME = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True, order=True)
@@ -41,11 +57,6 @@ class CheckpointPath:
         return self.path
 
 
-def parse_step(name: str) -> int | None:
-    """The step a directory name stands for, or ``None`` when it is not a step number."""
-    return int(name) if _STEP_NAME.fullmatch(name) else None
-
-
 def step_from_checkpoint(checkpoint: str) -> int:
     """Global step of a checkpoint path or URL (``s3://b/run/100/`` -> ``100``)."""
     if not isinstance(checkpoint, str):
@@ -56,19 +67,20 @@ def step_from_checkpoint(checkpoint: str) -> int:
     if step is None:
         raise InvalidCheckpointPathError(
             f"{checkpoint!r} is not a checkpoint path: its last component must be a "
-            "non-negative integer step, like <save_dir>/100"
+            "non-negative integer step without leading zeros, like <save_dir>/100"
         )
     return step
 
 
 def is_committed(checkpoint: str, storage_options: StorageOptions | None = None) -> bool:
     """Whether ``checkpoint`` holds a complete (non-empty) commit marker."""
-    fs, path = resolve(join_url(checkpoint, SNAPSHOT_METADATA_FNAME), storage_options)
+    fs, path = resolve(join_url(checkpoint, COMMIT_MARKER), storage_options)
     invalidate_listing(fs, path.rsplit("/", 1)[0])
-    try:
-        return bool(fs.size(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+    with reading(f"the commit marker of {checkpoint}"):
+        try:
+            return marker_commits(fs.size(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
 
 def scan_checkpoints(
@@ -81,7 +93,8 @@ def scan_checkpoints(
     """
     fs, root = resolve(save_dir, storage_options)
     invalidate_listing(fs, root)
-    found = _scan_local(fs, root) if is_local(fs) else _scan_object_store(fs, root)
+    with reading(f"the checkpoints in {save_dir}"):
+        found = _scan_local(fs, root) if is_local(fs) else _scan_object_store(fs, root)
     if found is None:
         return []
     return sorted(
@@ -104,9 +117,9 @@ def _scan_local(fs: AbstractFileSystem, root: str) -> dict[str, tuple[int, bool]
         step = parse_step(name)
         if step is None or entry["type"] != "directory":
             continue
-        marker = f"{entry['name'].rstrip('/')}/{SNAPSHOT_METADATA_FNAME}"
+        marker = f"{entry['name'].rstrip('/')}/{COMMIT_MARKER}"
         try:
-            committed = fs.size(marker) > 0
+            committed = marker_commits(fs.size(marker))
         except FileNotFoundError:
             committed = False
         found[name] = (step, committed)
@@ -119,30 +132,32 @@ def _scan_object_store(fs: AbstractFileSystem, root: str) -> dict[str, tuple[int
     Measured against moto with 2,000 checkpoints: ``find`` takes 7 requests, ``ls`` plus an
     ``exists`` per entry 2,007, and a glob on the marker 2,004.
     """
-    try:
-        listing = fs.find(root, detail=True)
-    except FileNotFoundError:
-        return None
+    listing = find_tree(fs, root)
     if not listing:
         if fs.isfile(root):
             raise NotACheckpointDirectoryError(
                 f"save_dir {root!r} is a file, not a directory of checkpoints"
             )
         return None
-    prefix = root.rstrip("/") + "/"
-    found: dict[str, tuple[int, bool]] = {}
-    for key, info in listing.items():
-        if not key.startswith(prefix):
-            continue
-        parts = key[len(prefix) :].split("/")
-        step = parse_step(parts[0])
-        if step is None or len(parts) < 2:
-            continue
-        committed = found.get(parts[0], (step, False))[1] or (
-            len(parts) == 2 and parts[1] == SNAPSHOT_METADATA_FNAME and info.get("size", 0) > 0
-        )
-        found[parts[0]] = (step, committed)
-    return found
+    return {
+        name: (group.step, group.committed)
+        for name, group in group_by_step(root, listing).items()
+        if group.files
+    }
+
+
+def non_canonical_entries(
+    save_dir: str, storage_options: StorageOptions | None = None
+) -> list[str]:
+    """Entries of ``save_dir`` named like a zero-padded step (``007``): never read as
+    checkpoints (see :mod:`tml_checkpointing.layout`), reported so nobody wonders why."""
+    fs, root = resolve(save_dir, storage_options)
+    with reading(f"the entries of {save_dir}"):
+        try:
+            names = [basename(name) for name in fs.ls(root, detail=False)]
+        except FileNotFoundError:
+            return []
+    return sorted(join_url(save_dir, name) for name in names if is_non_canonical_step(name))
 
 
 def list_checkpoints(

@@ -106,3 +106,26 @@ class InvalidArgumentError(CheckpointError, ValueError):
 
 class SaveDirLockedError(CheckpointError, BlockingIOError):
     """Another live writer holds the ``save_dir`` (see :class:`~tml_checkpointing.WriterLock`)."""
+
+
+class CheckpointReadError(CheckpointError, OSError):
+    """Reading a checkpoint (or listing a save_dir) failed: permission denied, connection
+    refused or reset, a timeout.
+
+    Not corruption: nothing was read that could be judged wrong, so a checkpoint that could not
+    be read is never skipped, moved aside or deleted because of it. Fix access and retry.
+    """
+
+
+class StorageLocationNotFoundError(CheckpointError, FileNotFoundError):
+    """The storage a URL points into does not exist (an S3 bucket, ...); it is never created
+    implicitly: create it yourself, or fix the URL."""
+
+
+class InvalidStorageUrlError(CheckpointError, ValueError):
+    """A URL that cannot name a place to store checkpoints (``s3://`` with no bucket, ...)."""
+
+
+class CheckpointShapeMismatchError(CheckpointError, ValueError):
+    """A checkpoint's tensors do not fit the state being restored (another model shape or
+    recipe). Retrying cannot help; the message names the first mismatching tensor."""

@@ -16,12 +16,17 @@ from typing import Any
 
 from .discovery import get_checkpoint, is_committed, step_from_checkpoint
 from .errors import CheckpointNotFoundError, InvalidPartitionNameError
+from .faults import reading, writing
 from .filesystem import StorageOptions, invalidate_listing, join_url, replace_file, resolve
+from .layout import (
+    DONE_SUFFIX,
+    EVALUATED_BY_DIR,
+    METRICS_FILE,
+    done_marker_name,
+    partition_metrics_name,
+)
 
 logger = logging.getLogger(__name__)
-
-EVALUATED_BY = "evaled_by"
-_DONE_SUFFIX = "_DONE"
 
 
 def _validated_partition(partition: str) -> str:
@@ -43,7 +48,7 @@ def _validated_partition(partition: str) -> str:
 
 def done_marker_path(checkpoint: str, partition: str) -> str:
     """Where the done-marker of ``partition`` for ``checkpoint`` lives."""
-    return join_url(checkpoint, EVALUATED_BY, f"{_validated_partition(partition)}{_DONE_SUFFIX}")
+    return join_url(checkpoint, done_marker_name(_validated_partition(partition)))
 
 
 def mark_done_eval(
@@ -58,8 +63,8 @@ def mark_done_eval(
             f"cannot mark {checkpoint!r} as evaluated on {partition!r}: it is not a committed "
             "checkpoint"
         )
-    fs.makedirs(fs_marker.rsplit("/", 1)[0], exist_ok=True)
-    fs.touch(fs_marker)
+    with writing(f"the {partition} done-marker of {checkpoint}"):
+        replace_file(fs, fs_marker, b"")
 
 
 def is_done_eval(
@@ -68,23 +73,27 @@ def is_done_eval(
     """Whether ``partition`` has been evaluated on ``checkpoint``."""
     fs, fs_marker = resolve(done_marker_path(checkpoint, partition), storage_options)
     invalidate_listing(fs, fs_marker.rsplit("/", 1)[0])
-    return bool(fs.exists(fs_marker))
+    with reading(f"the {partition} done-marker of {checkpoint}"):
+        try:
+            fs.info(fs_marker)
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def evaluated_partitions(
     checkpoint: str, *, storage_options: StorageOptions | None = None
 ) -> list[str]:
     """Names of the partitions that have marked ``checkpoint`` as evaluated, sorted."""
-    fs, directory = resolve(join_url(checkpoint, EVALUATED_BY), storage_options)
+    fs, directory = resolve(join_url(checkpoint, EVALUATED_BY_DIR), storage_options)
     invalidate_listing(fs, directory)
-    try:
-        names = fs.ls(directory, detail=False)
-    except FileNotFoundError:
-        return []
+    with reading(f"the done-markers of {checkpoint}"):
+        try:
+            names = fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
     return sorted(
-        name.rsplit("/", 1)[-1][: -len(_DONE_SUFFIX)]
-        for name in names
-        if name.endswith(_DONE_SUFFIX)
+        name.rsplit("/", 1)[-1][: -len(DONE_SUFFIX)] for name in names if name.endswith(DONE_SUFFIX)
     )
 
 
@@ -151,10 +160,6 @@ def wait_for_evaluators(
     return result
 
 
-METRICS_FNAME = "metrics.json"
-PARTITION_METRICS_DIR = "eval"
-
-
 def metrics_path(checkpoint: str, partition: str | None = None) -> str:
     """``<checkpoint>/metrics.json``, or ``<checkpoint>/eval/<partition>.json`` for a partition.
 
@@ -162,8 +167,8 @@ def metrics_path(checkpoint: str, partition: str | None = None) -> str:
     so they cannot lose each other's updates.
     """
     if partition is None:
-        return join_url(checkpoint, METRICS_FNAME)
-    return join_url(checkpoint, PARTITION_METRICS_DIR, f"{_validated_partition(partition)}.json")
+        return join_url(checkpoint, METRICS_FILE)
+    return join_url(checkpoint, partition_metrics_name(_validated_partition(partition)))
 
 
 def write_checkpoint_metrics(
@@ -194,7 +199,8 @@ def write_checkpoint_metrics(
         if not isinstance(name, str) or not name:
             raise ValueError(f"metric names must be non-empty strings, got {name!r}")
         merged[name] = float(value)
-    replace_file(fs, path, json.dumps(merged, sort_keys=True).encode())
+    with writing(f"the metrics of {checkpoint}"):
+        replace_file(fs, path, json.dumps(merged, sort_keys=True).encode())
     return merged
 
 
@@ -214,11 +220,13 @@ def read_checkpoint_metrics(
     if partition is not None:
         return _read_metrics_file(fs, path)
     merged = _read_metrics_file(fs, path)
-    _, directory = resolve(join_url(checkpoint, PARTITION_METRICS_DIR), storage_options)
-    try:
-        names = fs.ls(directory, detail=False)
-    except FileNotFoundError:
-        names = []
+    directory = metrics_path(checkpoint, "_").rsplit("/", 1)[0]
+    _, directory = resolve(directory, storage_options)
+    with reading(f"the metrics of {checkpoint}"):
+        try:
+            names = fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            names = []
     for name in sorted(names):
         base = name.rstrip("/").rsplit("/", 1)[-1]
         if base.endswith(".json"):
@@ -230,7 +238,9 @@ def read_checkpoint_metrics(
 
 def _read_metrics_file(fs: Any, path: str) -> dict[str, float]:
     try:
-        body = json.loads(fs.cat_file(path))
+        with reading(f"metrics file {path}"):
+            raw = fs.cat_file(path)
+        body = json.loads(raw)
     except FileNotFoundError:
         return {}
     except (ValueError, UnicodeDecodeError) as error:

@@ -1,107 +1,49 @@
-"""Checkpoint integrity: a sidecar of sizes and checksums, its verification, and safe resume.
+"""Checkpoint verification, and picking the newest checkpoint that verifies.
 
 Why: a commit marker proves the writer *finished*, not that the bytes are still the ones it
-wrote. Disks rot, copies get truncated, a ``cp -r`` half-fails. So at commit the storage
-plugin writes ``<checkpoint>/.integrity.json`` **before** the marker, recording every data file
-it wrote with its size and an ``xxh3_64`` checksum (computed on the in-memory buffer, ~10+ GB/s,
-so saving barely notices)::
-
-    {"version": 1, "algorithm": "xxh3_64", "files": {"0/model/weight": {"size": n, "xxh3_64": hex}}}
-
-:func:`verify_checkpoint` then checks, cheapest first:
+wrote. Disks rot, copies get truncated, a ``cp -r`` half-fails. The storage plugin records
+every data file's size and block checksums in the sidecar (:mod:`tml_checkpointing.sidecar`)
+before the marker; :func:`verify_checkpoint` checks, cheapest first:
 
 * the marker parses as torchsnapshot metadata (a truncated or garbage marker is *corrupt*);
 * every file the torchsnapshot manifest names exists (and is long enough for its byte range);
 * with a sidecar: each recorded file's size, from one listing of the checkpoint (one ``find``,
-  not a request per file, on object stores); with ``level="full"`` each checksum too, streamed
-  in chunks so a 1 GB shard never sits in memory at once.
+  not a request per file, on object stores); with ``level="full"`` every checksum too, streamed
+  so a 1 GB shard never sits in memory at once.
 
-Checkpoints without a sidecar (written by plain torchsnapshot or before this existed) are
-*unverified*, not corrupt: they still get the marker and manifest checks.
-
-Not covered by the sidecar, on purpose: the marker itself, the sidecar, and what evaluators add
-after commit (``evaled_by/``, ``metrics.json``, ``eval/``). Known limitation: in a multi-rank
-save only rank 0 commits, so the sidecar covers the files rank 0's process wrote; other ranks'
-files are covered by the manifest existence check only.
+Unreadable is not corrupt: a checkpoint is *corrupt* only when bytes were read and are wrong
+(size, checksum, unparsable content). A failure to read (permission denied, connection reset,
+timeout) raises :class:`~tml_checkpointing.errors.CheckpointReadError` and never makes a caller
+skip, move aside or delete anything. Checkpoints without a sidecar (plain torchsnapshot, or
+written before it existed) are *unverified*, not corrupt.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import xxhash
+from fsspec import AbstractFileSystem
 from torchsnapshot.manifest import SnapshotMetadata
-from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
 
 from .discovery import list_checkpoints
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
-from .evaluation import EVALUATED_BY, METRICS_FNAME, PARTITION_METRICS_DIR
-from .filesystem import StorageOptions, invalidate_listing, resolve
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from .faults import reading
+from .filesystem import StorageOptions, find_tree, invalidate_listing, resolve
+from .layout import COMMIT_MARKER, INTEGRITY_SIDECAR, marker_commits
+from .sidecar import ALGORITHM, Sidecar, SidecarFormatError, parse_sidecar
 
 logger = logging.getLogger(__name__)
 
-INTEGRITY_FNAME = ".integrity.json"
-ALGORITHM = "xxh3_64"
-SIDECAR_VERSION = 1
 _CHUNK = 8 * 1024 * 1024
 
 VerifyLevel = Literal["none", "size", "full"]
 VERIFY_LEVELS: tuple[str, ...] = ("none", "size", "full")
 Status = Literal["valid", "unverified", "corrupt"]
-
-
-def checksum(data: bytes | bytearray | memoryview) -> str:
-    """The hex ``xxh3_64`` of a buffer (no copy of ``data`` is made)."""
-    return xxhash.xxh3_64_hexdigest(data)
-
-
-def is_covered(relative: str) -> bool:
-    """Whether a file inside a checkpoint belongs in its sidecar.
-
-    Files added after commit (evaluator markers, metrics) and the commit files themselves
-    (marker, its temporary name, the sidecar) are not data.
-    """
-    name = relative.lstrip("/")
-    return not (
-        name in (SNAPSHOT_METADATA_FNAME, INTEGRITY_FNAME, METRICS_FNAME)
-        or name.startswith(f"{SNAPSHOT_METADATA_FNAME}.")
-        or name.startswith(f"{EVALUATED_BY}/")
-        or name.startswith(f"{PARTITION_METRICS_DIR}/")
-    )
-
-
-class IntegrityRecorder:
-    """Collects (size, checksum) of each file a storage plugin writes; thread-safe.
-
-    torchsnapshot's writer runs several writes concurrently in worker threads.
-    """
-
-    def __init__(self) -> None:
-        self._files: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-
-    def record(self, relative: str, data: bytes | bytearray | memoryview) -> None:
-        if not is_covered(relative):
-            return
-        entry = {"size": memoryview(data).nbytes, ALGORITHM: checksum(data)}
-        with self._lock:
-            self._files[relative.lstrip("/")] = entry
-
-    def forget(self, relative: str) -> None:
-        with self._lock:
-            self._files.pop(relative.lstrip("/"), None)
-
-    def sidecar_bytes(self) -> bytes:
-        with self._lock:
-            files = dict(sorted(self._files.items()))
-        body = {"version": SIDECAR_VERSION, "algorithm": ALGORITHM, "files": files}
-        return json.dumps(body, indent=1).encode()
 
 
 @dataclass(frozen=True)
@@ -171,6 +113,13 @@ class VerifyReport:
         }
 
 
+def check_verify_level(level: object) -> VerifyLevel:
+    """``level`` if it is one of :data:`VERIFY_LEVELS`, else :class:`InvalidArgumentError`."""
+    if level not in VERIFY_LEVELS:
+        raise InvalidArgumentError(f"verify level must be one of {VERIFY_LEVELS}, got {level!r}")
+    return level  # type: ignore[return-value]
+
+
 def verify_checkpoint(
     checkpoint: str,
     *,
@@ -184,32 +133,32 @@ def verify_checkpoint(
     ``level="size"`` costs one listing and two small reads; ``level="full"`` also reads every
     recorded file once (streamed) to compare checksums, calling ``progress(n_bytes)`` as it
     goes. Raises :class:`CorruptCheckpointError` naming the first bad file (unless
-    ``raise_on_corrupt=False``, then the report says ``corrupt``), and
-    :class:`CheckpointNotFoundError` when ``checkpoint`` has no commit marker at all.
+    ``raise_on_corrupt=False``, then the report says ``corrupt``),
+    :class:`CheckpointNotFoundError` when ``checkpoint`` has no commit marker at all, and
+    :class:`~tml_checkpointing.errors.CheckpointReadError` when storage cannot be read.
     """
-    if level not in VERIFY_LEVELS:
-        raise ValueError(f"verify level must be one of {VERIFY_LEVELS}, got {level!r}")
+    check_verify_level(level)
     started = time.monotonic()
     report = VerifyReport(checkpoint=checkpoint, level=level)
     fs, root = resolve(checkpoint, storage_options)
     root = root.rstrip("/")
-    listing = _listing(fs, root)
+    listing = _listing(fs, root, checkpoint)
     report.total_bytes = sum(info["size"] for info in listing.values())
     report.newest_mtime = max(
         (info["mtime"] for info in listing.values() if info["mtime"]), default=None
     )
-    if listing.get(SNAPSHOT_METADATA_FNAME, {}).get("size", 0) <= 0:
+    if not marker_commits(listing.get(COMMIT_MARKER, {}).get("size")):
         raise CheckpointNotFoundError(
-            f"{checkpoint} is not a committed checkpoint (no non-empty {SNAPSHOT_METADATA_FNAME}"
-            "); it may be incomplete (still being written, or its writer crashed)"
+            f"{checkpoint} is not a committed checkpoint (no non-empty {COMMIT_MARKER}); it may "
+            "be incomplete (still being written, or its writer crashed)"
         )
     if level == "none":
         report.status = "unverified"
         return _finish(report, started, raise_on_corrupt)
 
-    metadata = _read_metadata(fs, root, report)
+    metadata = _read_metadata(fs, root, checkpoint, report)
     if metadata is not None:
-        for location, end in _manifest_locations(metadata):
+        for location, end in manifest_locations(metadata):
             if location not in listing:
                 report.problems.append(
                     FileProblem(location, "missing (named by the torchsnapshot manifest)")
@@ -223,39 +172,32 @@ def verify_checkpoint(
                     )
                 )
 
-    sidecar = _read_sidecar(fs, root, listing, report)
+    sidecar = _read_sidecar(fs, root, checkpoint, listing, report)
     if sidecar is None:
-        if report.status != "corrupt":
+        if not report.problems:
             report.status = "unverified"
         return _finish(report, started, raise_on_corrupt)
 
-    to_hash: list[tuple[str, int, str]] = []
-    for relative, recorded in sidecar.items():
-        size = int(recorded.get("size", -1))
+    to_hash: list[str] = []
+    for relative, record in sidecar.files.items():
         report.files_checked += 1
         if relative not in listing:
             report.problems.append(FileProblem(relative, "missing (recorded in the sidecar)"))
             continue
         actual = listing[relative]["size"]
-        if actual != size:
-            what = "truncated" if actual < size else "longer than written"
+        if actual != record.size:
+            what = "truncated" if actual < record.size else "longer than written"
             report.problems.append(
-                FileProblem(relative, f"size {actual} bytes, recorded {size} ({what})")
+                FileProblem(relative, f"size {actual} bytes, recorded {record.size} ({what})")
             )
             continue
         if level == "full":
-            to_hash.append((relative, size, str(recorded.get(ALGORITHM, ""))))
-    for relative, _size, expected in to_hash:
-        actual_sum, n_bytes = _stream_checksum(fs, f"{root}/{relative}", progress)
+            to_hash.append(relative)
+    for relative in to_hash:
+        problem, n_bytes = _stream_verify(fs, root, relative, sidecar, progress)
         report.bytes_checked += n_bytes
-        if actual_sum != expected:
-            report.problems.append(
-                FileProblem(
-                    relative, f"{ALGORITHM} {actual_sum}, recorded {expected} (bytes changed)"
-                )
-            )
-    if report.problems:
-        report.status = "corrupt"
+        if problem:
+            report.problems.append(FileProblem(relative, problem))
     return _finish(report, started, raise_on_corrupt)
 
 
@@ -268,13 +210,11 @@ def _finish(report: VerifyReport, started: float, raise_on_corrupt: bool) -> Ver
     return report
 
 
-def _listing(fs: Any, root: str) -> dict[str, dict[str, Any]]:
+def _listing(fs: AbstractFileSystem, root: str, checkpoint: str) -> dict[str, dict[str, Any]]:
     """``{relative path: {size, mtime}}`` of every file under ``root``, in one listing."""
     invalidate_listing(fs, root)
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError:
-        found = {}
+    with reading(f"the listing of checkpoint {checkpoint}"):
+        found = find_tree(fs, root)
     prefix = f"{root}/"
     listing: dict[str, dict[str, Any]] = {}
     for key, info in found.items():
@@ -300,42 +240,79 @@ def mtime_of(info: dict[str, Any]) -> float | None:
     return None
 
 
-def _read_metadata(fs: Any, root: str, report: VerifyReport) -> SnapshotMetadata | None:
+def _read_small_file(fs: AbstractFileSystem, root: str, name: str, checkpoint: str) -> bytes:
+    with reading(f"{name} of checkpoint {checkpoint}"):
+        data: bytes = fs.cat_file(f"{root}/{name}")
+        return data
+
+
+def read_metadata(
+    fs: AbstractFileSystem, root: str, checkpoint: str
+) -> tuple[SnapshotMetadata | None, str]:
+    """The parsed commit marker, or ``(None, why it does not parse)``.
+
+    Storage faults raise :class:`~tml_checkpointing.errors.CheckpointReadError`; only bytes
+    that were read and do not parse make the marker unusable (corrupt).
+    """
     try:
-        text = fs.cat_file(f"{root}/{SNAPSHOT_METADATA_FNAME}").decode()
-        metadata = SnapshotMetadata.from_yaml(text)
+        raw = _read_small_file(fs, root, COMMIT_MARKER, checkpoint)
+    except FileNotFoundError as error:
+        raise CheckpointNotFoundError(
+            f"{checkpoint} is no longer committed (its marker went away while being read; "
+            "pruned meanwhile?)"
+        ) from error
+    try:
+        metadata = SnapshotMetadata.from_yaml(raw.decode())
         if not isinstance(metadata.manifest, dict):
             raise TypeError("manifest is not a mapping")
-        return metadata
-    except Exception as error:  # any parse failure means the marker is unusable
+        return metadata, ""
+    except Exception as error:  # any parse failure of bytes we hold means a broken marker
+        return None, f"{type(error).__name__}: {str(error)[:120]}"
+
+
+def _read_metadata(
+    fs: AbstractFileSystem, root: str, checkpoint: str, report: VerifyReport
+) -> SnapshotMetadata | None:
+    metadata, why = read_metadata(fs, root, checkpoint)
+    if metadata is None:
         report.problems.append(
             FileProblem(
-                SNAPSHOT_METADATA_FNAME,
-                f"commit marker unreadable as torchsnapshot metadata "
-                f"({type(error).__name__}: {str(error)[:120]})",
+                COMMIT_MARKER, f"commit marker unreadable as torchsnapshot metadata ({why})"
             )
         )
+    return metadata
+
+
+def read_sidecar(fs: AbstractFileSystem, root: str, checkpoint: str) -> Sidecar | None:
+    """The checkpoint's sidecar; ``None`` when it has none. Unparsable bytes raise
+    :class:`~tml_checkpointing.sidecar.SidecarFormatError`, storage faults
+    :class:`~tml_checkpointing.errors.CheckpointReadError`."""
+    try:
+        raw = _read_small_file(fs, root, INTEGRITY_SIDECAR, checkpoint)
+    except FileNotFoundError:
         return None
+    return parse_sidecar(raw)
 
 
 def _read_sidecar(
-    fs: Any, root: str, listing: dict[str, dict[str, Any]], report: VerifyReport
-) -> dict[str, dict[str, Any]] | None:
-    if INTEGRITY_FNAME not in listing:
+    fs: AbstractFileSystem,
+    root: str,
+    checkpoint: str,
+    listing: dict[str, dict[str, Any]],
+    report: VerifyReport,
+) -> Sidecar | None:
+    if INTEGRITY_SIDECAR not in listing:
         return None
     try:
-        body = json.loads(fs.cat_file(f"{root}/{INTEGRITY_FNAME}"))
-        if body.get("algorithm") != ALGORITHM or not isinstance(body.get("files"), dict):
-            raise ValueError(f"unknown algorithm {body.get('algorithm')!r} or no file table")
-        return body["files"]
-    except Exception as error:
+        return read_sidecar(fs, root, checkpoint)
+    except SidecarFormatError as error:
         report.problems.append(
-            FileProblem(INTEGRITY_FNAME, f"integrity sidecar unreadable ({error})")
+            FileProblem(INTEGRITY_SIDECAR, f"integrity sidecar unreadable ({error})")
         )
         return None
 
 
-def _manifest_locations(metadata: SnapshotMetadata) -> Iterator[tuple[str, int | None]]:
+def manifest_locations(metadata: SnapshotMetadata) -> Iterator[tuple[str, int | None]]:
     """``(file, last byte read or None)`` for every file the manifest points into."""
 
     def walk(entry: Any) -> Iterator[tuple[str, int | None]]:
@@ -357,16 +334,31 @@ def _manifest_locations(metadata: SnapshotMetadata) -> Iterator[tuple[str, int |
     yield from ends.items()
 
 
-def _stream_checksum(fs: Any, path: str, progress: Callable[[int], None] | None) -> tuple[str, int]:
-    hasher = xxhash.xxh3_64()
+def _stream_verify(
+    fs: AbstractFileSystem,
+    root: str,
+    relative: str,
+    sidecar: Sidecar,
+    progress: Callable[[int], None] | None,
+) -> tuple[str | None, int]:
+    """Read one file in block-sized pieces and compare; ``(problem or None, bytes read)``."""
+    record = sidecar.files[relative]
+    whole = xxhash.xxh3_64()
     total = 0
-    with fs.open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            hasher.update(chunk)
-            total += len(chunk)
+    chunk = max(sidecar.block_size, (_CHUNK // sidecar.block_size) * sidecar.block_size)
+    problem: str | None = None
+    with reading(f"{relative} of checkpoint {root}"), fs.open(f"{root}/{relative}", "rb") as handle:
+        while data := handle.read(chunk):
+            if record.blocks and problem is None:
+                problem = sidecar.mismatch(relative, total, data)
+            elif not record.blocks:
+                whole.update(data)
+            total += len(data)
             if progress is not None:
-                progress(len(chunk))
-    return hasher.hexdigest(), total
+                progress(len(data))
+    if not record.blocks and record.whole and whole.hexdigest() != record.whole:
+        problem = f"{ALGORITHM} {whole.hexdigest()}, recorded {record.whole} (bytes changed)"
+    return problem, total
 
 
 def get_latest_valid_checkpoint(
@@ -380,11 +372,12 @@ def get_latest_valid_checkpoint(
 
     Walks committed checkpoints newest first; each one skipped (corrupt, or its marker gone
     because it was pruned meanwhile) is logged as a WARNING naming it and the reason.
-    Nothing is deleted. None usable: ``""`` if ``missing_ok`` else
-    :class:`CheckpointNotFoundError`.
+    Nothing is deleted. A storage fault is not a reason to skip: it raises
+    :class:`~tml_checkpointing.errors.CheckpointReadError`, so a run never resumes from an
+    older checkpoint just because a newer one could not be read. None usable: ``""`` if
+    ``missing_ok`` else :class:`CheckpointNotFoundError`.
     """
-    if verify not in VERIFY_LEVELS:
-        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
+    check_verify_level(verify)
     skipped: list[str] = []
     for candidate in reversed(list_checkpoints(save_dir, storage_options)):
         try:

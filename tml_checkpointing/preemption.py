@@ -1,12 +1,14 @@
-"""Preemption: turn SIGTERM / SIGUSR1 into "finish the step, checkpoint, exit non-zero".
+"""Preemption: turn SIGTERM / SIGINT / SIGUSR1 into "finish the step, checkpoint, exit non-zero".
 
 Why: schedulers (Kubernetes, SLURM with ``--signal=USR1``, spot instances) announce a kill with
-a signal and a grace period. Dying at once loses everything since the last checkpoint; dying
-with exit code 0 makes the orchestrator think the run finished. So the handler only sets a
-flag (doing I/O inside a signal handler is unsafe); the training loop checks it once per step
-and calls :func:`save_final_checkpoint`, which drains the save in flight, writes a checkpoint
-at the current step and raises :class:`PreemptedError`, whose ``exit_code`` (``128 + signum``,
-143 for SIGTERM) the process exits with::
+a signal and a grace period; Ctrl-C in a terminal sends SIGINT to the whole process group.
+Dying at once loses everything since the last checkpoint (and a KeyboardInterrupt raised in
+the middle of a save is worse); dying with exit code 0 makes the orchestrator think the run
+finished. So the handler only sets a flag (doing I/O inside a signal handler is unsafe); the
+training loop checks it once per step and calls :func:`save_final_checkpoint`, which drains
+the save in flight, writes a checkpoint at the current step and raises
+:class:`PreemptedError`, whose ``exit_code`` (``128 + signum``: 143 for SIGTERM, 130 for
+SIGINT) the process exits with::
 
     with PreemptionGuard() as guard:          # first, before restoring: a signal that
         start = resume(snapshot)              # arrives earlier kills the default way
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class PreemptionGuard:
@@ -59,7 +61,7 @@ class PreemptionGuard:
 
     @property
     def exit_code(self) -> int:
-        """``128 + signum`` of the signal received (143 for SIGTERM); 1 if none was."""
+        """``128 + signum`` of the signal received (143 SIGTERM, 130 SIGINT); 1 if none was."""
         return 128 + self.signum if self.signum is not None else 1
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

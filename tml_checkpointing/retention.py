@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
 
+from . import events
 from .discovery import CheckpointPath, is_committed, scan_checkpoints
 from .errors import NotASaveDirError
 from .evaluation import evaluated_partitions, read_checkpoint_metrics
+from .faults import writing
 from .filesystem import StorageOptions, fsync_directory, is_local, parent_url, resolve
 from .integrity import VerifyLevel, get_latest_valid_checkpoint
+from .layout import COMMIT_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -220,13 +222,17 @@ def delete_checkpoint(checkpoint: str, storage_options: StorageOptions | None = 
     """
     fs, root = resolve(checkpoint, storage_options)
     root = root.rstrip("/")
-    marker = f"{root}/{SNAPSHOT_METADATA_FNAME}"
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(marker)
-    if is_local(fs):
-        fsync_directory(root)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(root, recursive=True)
+    marker = f"{root}/{COMMIT_MARKER}"
+    events.emit(events.DELETE_STARTED, path=checkpoint)
+    with writing(f"(deleting) {checkpoint}"):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(marker)
+        if is_local(fs):
+            fsync_directory(root)
+        events.emit(events.DELETE_UNCOMMITTED, path=checkpoint)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(root, recursive=True)
+    events.emit(events.DELETE_DONE, path=checkpoint)
 
 
 def assert_save_dir(save_dir: str, storage_options: StorageOptions | None = None) -> None:
@@ -252,5 +258,8 @@ def _parent_is_checkpoint(
         return False
     try:
         return is_committed(parent, storage_options)
-    except (OSError, ValueError):  # e.g. the bucket root: nothing above it to be inside of
+    except (OSError, ValueError):
+        # A guard against typos, best effort: the bucket root has nothing above it, and a
+        # parent outside the caller's permissions is not theirs to prune. The operation
+        # itself then reads save_dir and reports any storage fault there.
         return False

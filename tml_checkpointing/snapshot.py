@@ -20,20 +20,28 @@ import torchsnapshot
 from torch.nn.parallel import DistributedDataParallel
 from torchsnapshot import RNGState, StateDict
 
+from . import events
+from .claims import write_claim
 from .discovery import get_checkpoint, is_committed, step_from_checkpoint
 from .errors import (
     CheckpointExistsError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CheckpointWriteError,
     InvalidStepError,
+    SaveDirLockedError,
     SnapshotEntryNotFoundError,
     SnapshotStateError,
     StepTypeError,
 )
+from .faults import reading
 from .filesystem import StorageOptions, join_url, resolve
 from .integrity import VERIFY_LEVELS, VerifyLevel, verify_checkpoint
-from .storage_plugin import transport_url
+from .layout import step_name
+from .locking import assert_holding
+from .shapes import check_restore_shapes
+from .storage_plugin import VERIFY_READS_OPTION, transport_url
 from .torchsnapshot_compat import KeyFilteredSnapshot, in_process_barrier_store
 
 logger = logging.getLogger(__name__)
@@ -68,7 +76,13 @@ class PendingSave:
             raise TimeoutError(f"checkpoint {self.path} still being written after {timeout}s")
         if self._pending.exc_info is not None:
             cause = self._pending.exc_info[1]
+            if not self.error_reported:  # one event per failed save, however often waited on
+                events.emit(
+                    events.SAVE_FAILED, path=self.path, step=self.global_step, error=repr(cause)
+                )
             self.error_reported = True
+            if isinstance(cause, SaveDirLockedError):
+                raise cause  # the run lost its writer lock: it must stop, not retry the save
             raise CheckpointWriteError(
                 f"saving step {self.global_step} to {self.path} failed, nothing was committed: "
                 f"{type(cause).__name__}: {cause}"
@@ -178,12 +192,27 @@ class Snapshot:
                 "or assign snapshot.state = {'model': model, ...} before save()"
             )
         self.wait()
-        path = join_url(self.save_dir, str(global_step))
-        if is_committed(path, self.storage_options):
+        assert_holding(self.save_dir, self.storage_options)  # a run that lost its lock stops
+        path = join_url(self.save_dir, step_name(global_step))
+        try:
+            committed = is_committed(path, self.storage_options)
+        except CheckpointReadError as error:  # a save that cannot look cannot write either
+            raise CheckpointWriteError(
+                f"saving step {global_step} to {path} failed, nothing was committed: {error}"
+            ) from error
+        if committed:
             raise CheckpointExistsError(
                 f"checkpoint {path} is already committed; refusing to overwrite it. Save under "
                 "another step or another save_dir."
             )
+        events.emit(events.SAVE_STARTED, path=path, step=global_step)
+        try:
+            write_claim(path, self.storage_options)  # before any data: cleanup keeps off it
+        except CheckpointWriteError as error:
+            events.emit(events.SAVE_FAILED, path=path, step=global_step, error=repr(error))
+            raise CheckpointWriteError(
+                f"saving step {global_step} to {path} failed, nothing was committed: {error}"
+            ) from error
         self.step = global_step
         app_state = {
             key: value if _must_pass_through(value) else _ConsistentStateful(value)
@@ -198,6 +227,7 @@ class Snapshot:
                     storage_options=self.storage_options,
                 )
         except Exception as error:
+            events.emit(events.SAVE_FAILED, path=path, step=global_step, error=repr(error))
             raise CheckpointWriteError(
                 f"saving step {global_step} to {path} failed, nothing was committed: "
                 f"{type(error).__name__}: {error}"
@@ -241,7 +271,7 @@ class Snapshot:
         checkpoint: str,
         *,
         keys: Iterable[str] | None = None,
-        verify: VerifyLevel = "size",
+        verify: VerifyLevel = "full",
     ) -> None:
         """Restore state, ``step`` and ``walltime`` from a committed checkpoint.
 
@@ -249,21 +279,31 @@ class Snapshot:
         ``step``/``walltime`` come back only when ``extra_state`` is among them. A checkpoint
         written before ``walltime`` existed restores ``walltime = 0.0``.
 
-        The checkpoint is verified first (``verify="size"``: marker, manifest and file sizes,
-        one listing; ``"full"`` also checksums every byte; ``"none"`` skips it), so corruption
-        surfaces as :class:`CorruptCheckpointError` naming the file, before any state changes.
+        Verification (``verify``): ``"full"`` (default) checks marker, manifest and file sizes
+        first (one listing), then hashes every byte as it is read and compares it with the
+        integrity sidecar; ``"size"`` does the first part only; ``"none"`` neither. Corruption
+        raises :class:`CorruptCheckpointError` naming the file: found by the size check, before
+        any state changed; found while reading, after part of the state may have been
+        overwritten (restore an older checkpoint, as ``get_latest_valid_checkpoint`` gives).
+        A storage fault raises :class:`~tml_checkpointing.errors.CheckpointReadError`.
         """
         self.wait()
         if verify not in VERIFY_LEVELS:
             raise SnapshotStateError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
+        with reading(f"checkpoint {checkpoint}"):
+            self._restore(checkpoint, keys, verify)
+
+    def _restore(self, checkpoint: str, keys: Iterable[str] | None, verify: VerifyLevel) -> None:
         if not is_committed(checkpoint, self.storage_options):
             raise CheckpointNotFoundError(
                 f"{checkpoint} is not a committed checkpoint (no .snapshot_metadata); use "
                 "get_checkpoint(save_dir) to find the latest one"
             )
         if verify != "none":
+            # Sizes up front (one listing: catches missing and truncated files before any
+            # state changes); with "full", every byte is then hashed as it is read.
             report = verify_checkpoint(
-                checkpoint, level=verify, storage_options=self.storage_options
+                checkpoint, level="size", storage_options=self.storage_options
             )
             if report.status == "unverified":
                 logger.info("%s has no integrity sidecar; restoring it unverified.", checkpoint)
@@ -274,7 +314,8 @@ class Snapshot:
                 f"cannot restore {unknown}: not in this Snapshot's state {sorted(self._state)}"
             )
         snapshot = KeyFilteredSnapshot(
-            transport_url(checkpoint), storage_options=self.storage_options
+            transport_url(checkpoint),
+            storage_options={**self.storage_options, VERIFY_READS_OPTION: verify == "full"},
         )
         manifest = snapshot.get_manifest()
         saved_keys = {path.split("/")[1] for path in manifest if path.count("/") >= 1}
@@ -289,6 +330,7 @@ class Snapshot:
         saved_extra = StateDict()
         if EXTRA_STATE in wanted and EXTRA_STATE in saved_keys:
             app_state[EXTRA_STATE] = saved_extra
+        check_restore_shapes(snapshot.metadata, app_state, checkpoint)  # before any byte lands
         snapshot.restore(app_state)
         if EXTRA_STATE in wanted:
             self.step = int(saved_extra.get("step", step_from_checkpoint(checkpoint)))
@@ -358,7 +400,8 @@ class Snapshot:
                 f"has shape {list(weight_tensor.shape)}"
             )
         started = time.monotonic()
-        torch_snapshot.read_object(chosen, obj_out=weight_tensor)
+        with reading(f"{chosen} of snapshot {torch_snapshot.path}"):
+            torch_snapshot.read_object(chosen, obj_out=weight_tensor)
         logger.info("Loaded %s in %.3fs.", chosen, time.monotonic() - started)
 
 

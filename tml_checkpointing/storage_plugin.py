@@ -17,9 +17,16 @@ Commit protocol (the invariant "a checkpoint exists only once committed"):
 * object stores (S3, GCS, memory): a single PUT is atomic, so the marker is one PUT issued
   after every data object has been stored.
 
-Integrity: each data file's size and ``xxh3_64`` are recorded as it is written (on the buffer,
-in the writer thread) and stored as ``.integrity.json`` just before the marker, as durably as
-the data (see :mod:`tml_checkpointing.integrity`).
+Integrity: each data file's size and block checksums are recorded as it is written (on the
+buffer, in the writer thread) and stored as ``.integrity.json`` just before the marker, as
+durably as the data (see :mod:`tml_checkpointing.sidecar`). Reads are verified as they pass:
+each range is widened to block boundaries, hashed and compared, so a flipped bit anywhere in
+what a restore reads raises :class:`~tml_checkpointing.errors.CorruptCheckpointError` naming
+the file (``storage_options={"tml_verify_reads": False}`` turns that off).
+
+A save whose files disappear before commit (removed by hand or by a cleanup racing it) fails
+instead of committing: the files recorded are checked against one listing right before the
+marker is written.
 """
 
 from __future__ import annotations
@@ -27,15 +34,30 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import threading
 from typing import Any
 
 from torchsnapshot.io_types import ReadIO, StoragePlugin, WriteIO
-from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
 
-from .filesystem import StorageOptions, fsync_directory, is_local, replace_file, resolve
-from .integrity import INTEGRITY_FNAME, IntegrityRecorder
+from . import events
+from .errors import CheckpointWriteError, CorruptCheckpointError
+from .faults import reading
+from .filesystem import (
+    StorageOptions,
+    find_tree,
+    fsync_directory,
+    invalidate_listing,
+    is_local,
+    put_bytes,
+    replace_file,
+    resolve,
+)
+from .layout import COMMIT_MARKER, INTEGRITY_SIDECAR, SAVE_CLAIM
+from .locking import assert_holding
+from .sidecar import Sidecar, SidecarFormatError, SidecarRecorder, parse_sidecar
 
 TRANSPORT_SCHEME = "tml-fsspec"
+VERIFY_READS_OPTION = "tml_verify_reads"  # storage option read by this plugin, not the backend
 
 
 def transport_url(url: str) -> str:
@@ -52,26 +74,29 @@ class FsspecStoragePlugin(StoragePlugin):
     """Reads and writes one snapshot directory through an fsspec filesystem."""
 
     def __init__(self, root: str, storage_options: StorageOptions | None = None) -> None:
-        self.fs, self.root = resolve(root, storage_options)
+        options = dict(storage_options or {})
+        self.verify_reads = bool(options.pop(VERIFY_READS_OPTION, True))
+        self.url = root
+        self.fs, self.root = resolve(root, options)
         self.root = self.root.rstrip("/")
         self._local = is_local(self.fs)
         self._created_dirs: set[str] = set()
-        self._integrity = IntegrityRecorder()
+        self._integrity = SidecarRecorder()
+        self._sidecar: Sidecar | None = None
+        self._sidecar_loaded = False
+        self._sidecar_lock = threading.Lock()
 
     def _full_path(self, relative: str) -> str:
         return f"{self.root}/{relative.lstrip('/')}"
 
     async def write(self, write_io: WriteIO) -> None:
-        if write_io.path == SNAPSHOT_METADATA_FNAME:
+        if write_io.path == COMMIT_MARKER:
             await asyncio.to_thread(self._commit, bytes(write_io.buf))
         else:
             await asyncio.to_thread(self._write_data, write_io.path, write_io.buf)
 
     async def read(self, read_io: ReadIO) -> None:
-        path = self._full_path(read_io.path)
-        start, end = read_io.byte_range if read_io.byte_range is not None else (None, None)
-        data = await asyncio.to_thread(self.fs.cat_file, path, start=start, end=end)
-        read_io.buf = io.BytesIO(data)
+        await asyncio.to_thread(self._read, read_io)
 
     async def delete(self, path: str) -> None:
         self._integrity.forget(path)
@@ -91,7 +116,7 @@ class FsspecStoragePlugin(StoragePlugin):
         if not self._local:
             # Object stores and memory:// keep the bytes: hand over a copy, never a view
             # into a staging buffer torchsnapshot may reuse.
-            self.fs.pipe_file(path, bytes(buf))
+            put_bytes(self.fs, path, bytes(buf))  # bounded in time, never creates a bucket
             return
         self._ensure_parent(path)
         with self.fs.open(path, "wb") as handle:
@@ -106,13 +131,109 @@ class FsspecStoragePlugin(StoragePlugin):
             self._created_dirs.add(parent)
 
     def _commit(self, metadata: bytes) -> None:
+        events.emit(events.SAVE_DATA_WRITTEN, path=self.url)
+        self._check_files_still_there()
         # The sidecar is data as far as durability goes: written (and fsynced) before the
         # marker, so a committed checkpoint always has the sidecar it was written with.
-        self._write_file(self._full_path(INTEGRITY_FNAME), self._integrity.sidecar_bytes())
-        replace_file(self.fs, self._full_path(SNAPSHOT_METADATA_FNAME), metadata)
-        if not self._local:
+        self._write_file(self._full_path(INTEGRITY_SIDECAR), self._integrity.to_bytes())
+        events.emit(events.SAVE_SIDECAR_WRITTEN, path=self.url)
+        assert_holding(self.fs.unstrip_protocol(os.path.dirname(self.root)))  # lost: no commit
+        replace_file(self.fs, self._full_path(COMMIT_MARKER), metadata)
+        if self._local:
+            # Make the new directory entries durable, deepest first, up to save_dir.
+            for directory in sorted(self._created_dirs, key=len, reverse=True):
+                fsync_directory(directory)
+            fsync_directory(os.path.dirname(self.root) or ".")
+        self._remove_claim()
+        events.emit(events.SAVE_COMMITTED, path=self.url)
+
+    def _check_files_still_there(self) -> None:
+        """Refuse to commit over data that went away (one listing, before the marker)."""
+        invalidate_listing(self.fs, self.root)
+        found = find_tree(self.fs, self.root)
+        prefix = f"{self.root}/"
+        sizes = {
+            key[len(prefix) :]: int(info.get("size") or 0)
+            for key, info in found.items()
+            if key.startswith(prefix)
+        }
+        gone = [name for name, size in self._integrity.sizes().items() if sizes.get(name) != size]
+        if gone:
+            raise CheckpointWriteError(
+                f"{len(gone)} data file(s) of {self.url} were removed or changed while it was "
+                f"being written (first: {sorted(gone)[0]}); nothing was committed. Was "
+                "`clean-incomplete` or a manual delete run on a live save?"
+            )
+
+    def _remove_claim(self) -> None:
+        try:
+            self.fs.rm_file(self._full_path(SAVE_CLAIM))
+        except FileNotFoundError:
             return
-        # Make the new directory entries durable, deepest first, up to save_dir.
-        for directory in sorted(self._created_dirs, key=len, reverse=True):
-            fsync_directory(directory)
-        fsync_directory(os.path.dirname(self.root) or ".")
+        if self._local:
+            fsync_directory(self.root)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _read(self, read_io: ReadIO) -> None:
+        path = self._full_path(read_io.path)
+        sidecar = self._load_sidecar() if self.verify_reads else None
+        record = sidecar.files.get(read_io.path.lstrip("/")) if sidecar else None
+        with reading(f"{read_io.path} of checkpoint {self.url}"):
+            if sidecar is None or record is None:
+                start, end = read_io.byte_range or (None, None)
+                read_io.buf = io.BytesIO(self.fs.cat_file(path, start=start, end=end))
+                return
+            start, end = read_io.byte_range or (0, record.size)
+            first, last = (
+                record.blocks_for(start, end, sidecar.block_size) if record.blocks else (start, end)
+            )
+            data = self.fs.cat_file(path, start=first, end=last)
+        problem = sidecar.mismatch(read_io.path.lstrip("/"), first, data)
+        if problem is None and len(data) < end - first:
+            problem = f"{len(data)} bytes where {end - first} were recorded (truncated)"
+        if problem is not None:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.url} is corrupt: {read_io.path}: {problem}. Restore from an "
+                "older checkpoint (get_latest_valid_checkpoint skips it once it is moved aside).",
+                checkpoint=self.url,
+                path=read_io.path,
+            )
+        if (first, last) == (start, end):
+            read_io.buf = io.BytesIO(data)  # shares ``data``: no copy
+        else:
+            read_io.buf = _SliceIO(memoryview(data)[start - first : end - first])
+
+    def _load_sidecar(self) -> Sidecar | None:
+        """The checkpoint's sidecar, read once per plugin (None: nothing to verify against)."""
+        with self._sidecar_lock:
+            if not self._sidecar_loaded:
+                try:
+                    with reading(f"{INTEGRITY_SIDECAR} of checkpoint {self.url}"):
+                        raw = self.fs.cat_file(self._full_path(INTEGRITY_SIDECAR))
+                    self._sidecar = parse_sidecar(raw)
+                except FileNotFoundError:
+                    self._sidecar = None
+                except SidecarFormatError as error:
+                    raise CorruptCheckpointError(
+                        f"checkpoint {self.url} is corrupt: {INTEGRITY_SIDECAR}: {error}",
+                        checkpoint=self.url,
+                        path=INTEGRITY_SIDECAR,
+                    ) from error
+                self._sidecar_loaded = True
+            return self._sidecar
+
+
+class _SliceIO(io.BytesIO):
+    """The part of a block-aligned read that was asked for, without copying it.
+
+    torchsnapshot only calls ``getvalue()`` on a read buffer and consumes the result as a
+    buffer (``len``, slicing, ``frombuffer``), so a memoryview serves it as well as bytes.
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+
+    def getvalue(self) -> Any:
+        return self._view

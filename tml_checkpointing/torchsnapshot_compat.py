@@ -58,7 +58,7 @@ def in_process_barrier_store() -> Iterator[None]:
         yield
         return
     with _STORE_LOCK:
-        dist_store._pg_to_store[None] = dist.HashStore()
+        dist_store._pg_to_store[None] = dist.HashStore()  # type: ignore[attr-defined]
         try:
             yield
         finally:
