@@ -5,6 +5,8 @@ latest, so none written between two polls is skipped), evaluates each on the par
 deterministic eval data in a fresh model, publishes the metrics as artifacts and next to the
 checkpoint, and marks it done. It stops after the run's final checkpoint (from ``run.json``)
 or after ``timeout`` seconds with nothing new. Restart-safe: done checkpoints are "Skipped".
+A ``save_dir`` that does not exist fails at once unless ``wait_for_run`` (a typo would otherwise
+wait silently for the whole timeout); while it waits, it says for what.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pydantic import BaseModel
 
 from tasks.evaluation import evaluate_checkpoint_task
 from tml_checkpointing import checkpoints_iterator, step_from_checkpoint
-from training.evaluation import EvalConfig, EvalResult
+from training.evaluation import EvalConfig, EvalResult, await_run
 from training.run_info import RunInfoMissingError, read_run_info
 
 
@@ -40,8 +42,13 @@ def evaluate(
     timeout: float = 1800,
     poll_seconds: float = 10,
     storage_options: dict[str, Any] | None = None,
+    wait_for_run: bool = False,
 ) -> EvalSummary:
-    """Evaluate each committed checkpoint of ``save_dir`` on ``partition`` (in step order)."""
+    """Evaluate each committed checkpoint of ``save_dir`` on ``partition`` (in step order).
+
+    A ``save_dir`` that does not exist fails at once (``RunNotFoundError``) unless
+    ``wait_for_run``: then the evaluator waits up to ``timeout`` s for a run to start there.
+    """
     config = EvalConfig(
         save_dir=save_dir,
         partition=partition,
@@ -49,14 +56,17 @@ def evaluate(
         timeout=timeout,
         poll_seconds=poll_seconds,
         storage_options=storage_options,
+        wait_for_run=wait_for_run,
     )
     return follow_and_evaluate(config)
 
 
 def follow_and_evaluate(config: EvalConfig) -> EvalSummary:
     logger = get_run_logger()
+    await_run(config, log=logger.info)
     results: list[EvalResult] = []
-    final_step: int | None = None
+    final_step = _final_step(config)
+    _log_wait(config, None, final_step)
     for checkpoint in checkpoints_iterator(
         config.save_dir,
         seconds_to_sleep=config.poll_seconds,
@@ -73,6 +83,7 @@ def follow_and_evaluate(config: EvalConfig) -> EvalSummary:
         if final_step is not None and step >= final_step:
             logger.info("Evaluated the run's final checkpoint (step %s); done.", step)
             break
+        _log_wait(config, step, final_step)
     else:
         logger.warning("No new checkpoint for %ss; stopping (timeout).", config.timeout)
     summary = EvalSummary(
@@ -86,6 +97,18 @@ def follow_and_evaluate(config: EvalConfig) -> EvalSummary:
     )
     _publish_summary(summary)
     return summary
+
+
+def _log_wait(config: EvalConfig, after_step: int | None, final_step: int | None) -> None:
+    """Say what the evaluator waits for next (it may wait up to ``timeout`` s for it)."""
+    get_run_logger().info(
+        "Waiting for checkpoints of %s%s (run's final step: %s); stopping after %ss without a "
+        "new one.",
+        config.save_dir,
+        "" if after_step is None else f" after step {after_step}",
+        "unknown, no run.json yet" if final_step is None else final_step,
+        f"{config.timeout:g}",
+    )
 
 
 def _final_step(config: EvalConfig) -> int | None:

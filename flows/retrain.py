@@ -20,12 +20,15 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.evaluate import evaluate
-from flows.train import train
+from flows.train import train, train_config
 from recipes.base import DEFAULT_RECIPE
 from tml_checkpointing import get_checkpoint, join_url
 from tml_checkpointing.filesystem import StorageOptions, replace_file, resolve
+from tml_checkpointing.layout import LINEAGE
+from training.session import close_session
+from training.start import check_run_start
 
-LINEAGE_NAME = "lineage.json"
+LINEAGE_NAME = LINEAGE  # the name itself lives in tml_checkpointing.layout
 
 
 class Lineage(BaseModel):
@@ -72,6 +75,17 @@ def retrain(
             flow_run_id=str(flow_run.get_id()),
             created_at=datetime.now(UTC).isoformat(),
         )
+        # A start train would refuse (a recipe that does not import, ...) writes nothing at all.
+        config = train_config(
+            save_dir=run_dir, epochs=epochs, steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size, lr=lr, seed=seed, recipe=recipe,
+            initial_checkpoint=lineage.warm_start_checkpoint, storage_options=storage_options,
+        )  # fmt: skip
+        try:
+            check_run_start(config)
+        except BaseException:
+            close_session(config)
+            raise
         write_lineage(lineage, storage_options)
     logger.info(
         "Run %s: %s", run_dir, f"warm start from {lineage.warm_start_checkpoint}"

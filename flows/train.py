@@ -23,17 +23,17 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.signals import exiting
 from recipes.base import DEFAULT_RECIPE
 from tasks.training import DEFAULT_TASK_RETRIES, train_epoch_task
-from tml_checkpointing import get_latest_valid_checkpoint
 from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_finish
 from tml_checkpointing.errors import PreemptedError
 from tml_checkpointing.locking import WriterLock
 from tml_checkpointing.preemption import PreemptionGuard
 from training.config import TrainConfig
 from training.loop import EpochResult, set_deterministic
-from training.run_info import write_run_info
 from training.session import close_session, get_session
+from training.start import check_run_start, record_run_start
 
 
 class TrainResult(BaseModel):
@@ -68,6 +68,7 @@ def train(
     evaluator_timeout: float = 600,
     keep_last: int | None = None,
     keep_every_steps: int | None = None,
+    allow_changed_config: bool = False,
 ) -> TrainResult:
     """Train ``epochs`` epochs into ``save_dir``, resuming from its newest checkpoint.
 
@@ -76,10 +77,14 @@ def train(
     ``wait_for_evaluators``: partitions whose evaluators must mark the final checkpoint done
     before the run ends (waits at most ``evaluator_timeout`` s; the result says who finished).
     ``keep_last`` / ``keep_every_steps``: retention after each epoch (checkpoints the awaited
-    evaluators have not finished are kept). On SIGTERM/SIGUSR1 the step in progress is
+    evaluators have not finished are kept). On SIGTERM/SIGINT/SIGUSR1 the step in progress is
     checkpointed and the process exits with 128 + signum (the flow run ends Crashed).
+    A run's parameters are recorded in ``<save_dir>/run.json`` at its first start; resuming
+    with other values of recipe, seed, batch_size, steps_per_epoch or lr (or fewer epochs) is
+    refused (``RunConfigChangedError``, nothing written) unless ``allow_changed_config``, which
+    records them as a new segment of the run. ``epochs`` may grow.
     """
-    config = TrainConfig(
+    config = train_config(
         save_dir=save_dir,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
@@ -93,16 +98,38 @@ def train(
         fail_at_step=fail_at_step,
         keep_last=keep_last,
         keep_every_steps=keep_every_steps,
-        keep_until_evaluated=tuple(wait_for_evaluators or ()),
+        wait_for_evaluators=wait_for_evaluators,
     )
     owner = f"train flow run {flow_run.get_name()} ({flow_run.get_id()})"
-    # The run owns save_dir until it ends, evaluator wait included: a second run is refused.
-    with WriterLock(save_dir, owner=owner, storage_options=storage_options):
-        result = run_training(config, epoch_retries=epoch_retries)
-        if wait_for_evaluators:
-            _wait_for_evaluators(result, wait_for_evaluators, evaluator_timeout, storage_options)
+    try:
+        # Everything that can refuse this start, before the first write (lock, run.json).
+        check_run_start(config, allow_changed_config=allow_changed_config)
+        # The run owns save_dir until it ends, evaluator wait included: a second run is refused.
+        with WriterLock(save_dir, owner=owner, storage_options=storage_options):
+            result = run_training(
+                config, epoch_retries=epoch_retries, allow_changed_config=allow_changed_config
+            )
+            if wait_for_evaluators:
+                _wait_for_evaluators(
+                    result, wait_for_evaluators, evaluator_timeout, storage_options
+                )
+    finally:
+        close_session(config)  # a refused start built the session to compare shapes
     _publish(result)
     return result
+
+
+# Flow parameters that are not part of the run's TrainConfig.
+FLOW_ONLY_PARAMETERS = frozenset({"epoch_retries", "evaluator_timeout", "allow_changed_config"})
+
+
+def train_config(*, wait_for_evaluators: list[str] | None = None, **fields: Any) -> TrainConfig:
+    """The run's config from the flow's parameters (less :data:`FLOW_ONLY_PARAMETERS`).
+
+    ``tml train`` checks a start before Prefect is up; building the config the same way makes
+    it find the same in-process session (model) the flow then trains.
+    """
+    return TrainConfig(**fields, keep_until_evaluated=tuple(wait_for_evaluators or ()))
 
 
 def _wait_for_evaluators(
@@ -128,14 +155,20 @@ def _wait_for_evaluators(
         logger.info("Evaluators finished on step %s: %s", result.final_step, waited.finished)
 
 
-def run_training(config: TrainConfig, epoch_retries: int = DEFAULT_TASK_RETRIES) -> TrainResult:
-    """The flow's body (a plain function of the config, called inside the flow run)."""
+def run_training(
+    config: TrainConfig,
+    epoch_retries: int = DEFAULT_TASK_RETRIES,
+    *,
+    allow_changed_config: bool = False,
+) -> TrainResult:
+    """The flow's body (a plain function of the config, called inside the flow run, with the
+    writer lock held)."""
     logger = get_run_logger()
     set_deterministic()
-    write_run_info(config)
-    resumed_from = get_latest_valid_checkpoint(
-        config.save_dir, storage_options=config.storage_options
-    )
+    # Checked again under the lock: another start may have recorded the run meanwhile.
+    start = check_run_start(config, allow_changed_config=allow_changed_config)
+    record_run_start(config, start)
+    resumed_from = start.resumed_from
     logger.info(
         "Run %s: %s", config.save_dir, f"resuming from {resumed_from}" if resumed_from else "fresh"
     )
@@ -208,10 +241,28 @@ def _publish(result: TrainResult) -> None:
 
 @contextlib.contextmanager
 def preemption_guard() -> Iterator[PreemptionGuard | None]:
-    """Catch SIGTERM/SIGUSR1 while training, where Python can (the main thread only)."""
+    """Catch SIGTERM/SIGINT/SIGUSR1 while training, where Python can (the main thread only).
+
+    The training loop acts on a signal at the next step (checkpoint, ``PreemptedError``). A
+    signal that came when no step was left (during the last save) is honoured here: every
+    epoch is committed, and the process still exits with 128 + signum, as asked.
+    """
     if threading.current_thread() is not threading.main_thread():
         get_run_logger().warning("Not in the main thread: preemption signals are not caught.")
         yield None
         return
     with PreemptionGuard() as guard:
-        yield guard
+        try:
+            yield guard
+        except PreemptedError as preempted:
+            # The final checkpoint is written; what is left (reporting the crash, stopping
+            # Prefect) is bounded, so a dead API cannot hold the process (``tml`` only).
+            exiting(preempted.exit_code)
+            raise
+    if guard.requested:
+        get_run_logger().warning(
+            "%s received after the last step: all epochs are committed; exiting with %s.",
+            guard.signal_name,
+            guard.exit_code,
+        )
+        raise SystemExit(guard.exit_code)

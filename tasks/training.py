@@ -15,8 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
-from tml_checkpointing.errors import PreemptedError
 from training.config import TrainConfig
+from training.failures import retry_cannot_help
 from training.loop import EpochResult, train_epoch
 from training.session import get_session
 
@@ -31,7 +31,7 @@ DEFAULT_TASK_RETRIES = 2
     # The checkpoint directory decides what is done; Prefect's cache could outlive or
     # predate the files (and would hash the config on every call for nothing).
     cache_policy=NO_CACHE,
-    retry_condition_fn=lambda task, task_run, state: not _preempted(state),
+    retry_condition_fn=lambda task, task_run, state: _retryable(state),
 )
 def train_epoch_task(config: TrainConfig, epoch: int) -> Any:
     logger = get_run_logger()
@@ -45,6 +45,9 @@ def train_epoch_task(config: TrainConfig, epoch: int) -> Any:
     return result
 
 
-def _preempted(state: State) -> bool:
-    """A preempted epoch is not retried: the process is about to exit."""
-    return isinstance(state.result(raise_on_failure=False), PreemptedError)
+def _retryable(state: State) -> bool:
+    """Retry only what a retry can fix: not a preemption (the process is about to exit), a
+    checkpoint that does not fit the model, a refused config, a held lock, a full disk
+    (:func:`training.failures.retry_cannot_help`)."""
+    error = state.result(raise_on_failure=False)
+    return not (isinstance(error, BaseException) and retry_cannot_help(error))

@@ -14,6 +14,7 @@ import pytest
 from flows.evaluate import EvalSummary, evaluate
 from flows.retrain import Lineage, read_lineage, retrain
 from flows.train import train
+from recipes.base import RecipeError
 from tml_checkpointing import (
     evaluated_partitions,
     get_checkpoint,
@@ -46,9 +47,10 @@ def test_evaluator_beside_training_evaluates_each_checkpoint_once(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=prefect_api.env(),
     )  # fmt: skip
     try:
-        summary: EvalSummary = evaluate(
-            save_dir=save_dir, partition="validation", eval_steps=2, timeout=120, poll_seconds=0.2
-        )
+        summary: EvalSummary = evaluate(  # started beside the trainer: the dir may not exist yet
+            save_dir=save_dir, partition="validation", eval_steps=2, timeout=120, poll_seconds=0.2,
+            wait_for_run=True,
+        )  # fmt: skip
         out, err = trainer.communicate(timeout=180)
     finally:
         trainer.kill()
@@ -145,3 +147,18 @@ def test_second_writer_on_the_same_save_dir_is_refused(
     plain_run(reference)
     assert [step_from_checkpoint(c) for c in get_checkpoints(save_dir)] == [4, 8]
     assert_bit_identical(checkpoint_tensors(save_dir), checkpoint_tensors(reference.save_dir))
+
+
+def test_retrain_refused_at_start_writes_nothing(
+    prefect_api: PrefectServer, tmp_path: Path
+) -> None:
+    """lineage.json used to be written before train looked at the recipe."""
+    runs_dir = tmp_path / "runs"
+    state = retrain(
+        runs_dir=str(runs_dir), run_name="20261130T020000Z", recipe="nosuch:build", epochs=1,
+        return_state=True, **TINY,
+    )  # fmt: skip
+    assert state.is_failed()
+    with pytest.raises(RecipeError, match="cannot import recipe module 'nosuch'"):
+        state.result()
+    assert not runs_dir.exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from recipes.base import RecipeError, load_recipe
-from tml_checkpointing import get_checkpoints, step_from_checkpoint
+from tml_checkpointing import Snapshot, get_checkpoints, step_from_checkpoint
 from training.config import TrainConfig
 from training.loop import InjectedFailure, train_epoch
 from training.session import close_session, get_session
@@ -139,3 +139,18 @@ def test_retention_keeps_the_newest_and_milestones(tmp_path: Path) -> None:
     plain_run(config)
     steps = [step_from_checkpoint(c) for c in get_checkpoints(config.save_dir)]
     assert steps == [6, 12, 16, 18]
+
+
+def test_walltime_counts_each_interval_once(tmp_path: Path) -> None:
+    """Every mid-epoch save used to add the whole elapsed epoch again (8.5 s -> 44.9 s)."""
+    config = TrainConfig(save_dir=str(tmp_path), checkpoint_every_steps=1, **SMALL)
+    results = plain_run(config)
+    walltimes = []
+    for checkpoint in get_checkpoints(config.save_dir):
+        snapshot = Snapshot.get_torch_snapshot(config.save_dir, step_from_checkpoint(checkpoint))
+        assert snapshot is not None
+        walltimes.append(float(snapshot.read_object("0/extra_state/walltime")))
+    assert len(walltimes) == 18 and walltimes == sorted(walltimes)
+    # The final save's walltime counts the training time before it, once: less than the
+    # epochs took in all (that includes waiting for the saves to commit).
+    assert 0 < walltimes[-1] <= sum(r.seconds for r in results)

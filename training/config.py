@@ -18,7 +18,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(ge=1)
     steps_per_epoch: int = Field(default=20, ge=1)
     batch_size: int = Field(default=256, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     seed: int = 0
     checkpoint_every_steps: int = Field(default=0, ge=0, description="0 = once per epoch")
     recipe: str = DEFAULT_RECIPE

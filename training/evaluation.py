@@ -1,15 +1,17 @@
 """Evaluating one checkpoint on one partition, as a plain function (no Prefect inside).
 
-The model is rebuilt from the run's recipe (``run.json``) and gets the checkpoint's weights
-only. Metrics go to ``<checkpoint>/eval/<partition>.json`` (``write_checkpoint_metrics``, so
-``keep_best`` can rank by ``"<partition>/<metric>"``), then the partition's done-marker
-is set: a checkpoint already marked is not evaluated again, so a restarted evaluator picks up
-exactly where it stopped.
+The model is rebuilt from the run's recipe (``run.json``: the segment that produced the
+checkpoint) and gets the checkpoint's weights only. Metrics go to
+``<checkpoint>/eval/<partition>.json`` (``write_checkpoint_metrics``, so ``keep_best`` can
+rank by ``"<partition>/<metric>"``), then the partition's done-marker is set: a checkpoint
+already marked is not evaluated again, so a restarted evaluator picks up exactly where it
+stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recipes.base import load_recipe
 from tml_checkpointing import (
+    CheckpointError,
     Snapshot,
     is_done_eval,
     mark_done_eval,
@@ -25,6 +28,9 @@ from tml_checkpointing import (
     write_checkpoint_metrics,
 )
 from tml_checkpointing.evaluation import metrics_path
+from tml_checkpointing.faults import reading
+from tml_checkpointing.filesystem import invalidate_listing, resolve
+from tml_checkpointing.retention import assert_save_dir
 
 from .run_info import read_run_info
 
@@ -39,7 +45,57 @@ class EvalConfig(BaseModel):
     eval_steps: int = Field(default=10, ge=1)
     timeout: float = Field(default=1800, ge=0)
     poll_seconds: float = Field(default=10, gt=0)
+    wait_for_run: bool = Field(
+        default=False, description="wait (up to timeout) for save_dir to appear, not fail fast"
+    )
     storage_options: dict[str, object] | None = None
+
+
+class RunNotFoundError(CheckpointError, FileNotFoundError):
+    """The ``save_dir`` an evaluator should follow does not exist (and it was not asked to
+    wait for it): most often a typo, which would otherwise wait silently until the timeout."""
+
+
+def await_run(
+    config: EvalConfig,
+    log: Callable[[str], object] = logger.info,
+    sleep: Callable[[float], object] = time.sleep,
+) -> None:
+    """Return once ``config.save_dir`` exists (and is a save_dir, not a checkpoint).
+
+    A missing save_dir fails at once with :class:`RunNotFoundError`, unless
+    ``config.wait_for_run``: then it waits up to ``config.timeout`` seconds for a run to
+    start writing there, saying what it waits for, and fails the same way if none does.
+    """
+    options = config.storage_options
+    fs, path = resolve(config.save_dir, options)
+
+    def exists() -> bool:
+        invalidate_listing(fs, path)  # another process creates it: no stale cached listing
+        with reading(f"whether {config.save_dir} exists"):
+            return bool(fs.exists(path))
+
+    if not exists():
+        if not config.wait_for_run:
+            raise RunNotFoundError(
+                f"save_dir {config.save_dir!r} does not exist: no run has written there. Check "
+                "the path, or pass --wait-for-run (flow parameter wait_for_run) to wait up to "
+                "--timeout seconds for a run to start there."
+            )
+        log(
+            f"Waiting for a run to start writing {config.save_dir} (checking every "
+            f"{config.poll_seconds:g}s, giving up after {config.timeout:g}s)."
+        )
+        deadline = time.monotonic() + config.timeout
+        while not exists():
+            if time.monotonic() + config.poll_seconds > deadline:
+                raise RunNotFoundError(
+                    f"no run appeared at {config.save_dir!r} within {config.timeout:g}s "
+                    "(--timeout); check the path, or start the training run."
+                )
+            sleep(config.poll_seconds)
+        log(f"{config.save_dir} appeared; following it.")
+    assert_save_dir(config.save_dir, options)
 
 
 class EvalResult(BaseModel):
@@ -70,8 +126,10 @@ def evaluate_checkpoint(
             ),
             metrics_path=path,
         )
-    info = read_run_info(config.save_dir, options)
-    recipe = load_recipe(info.recipe)(info.recipe_params())
+    # The parameters that produced this checkpoint (a run resumed with a changed config has
+    # several segments; see training.run_info).
+    segment = read_run_info(config.save_dir, options).segment_for(step)
+    recipe = load_recipe(segment.recipe)(segment.recipe_params())
     Snapshot(config.save_dir, {"model": recipe.model}, storage_options=options).restore(
         checkpoint, keys=["model"]
     )

@@ -82,7 +82,16 @@ def train_epoch(
     model, optimizer, snapshot = session.recipe.model, session.recipe.optimizer, session.snapshot
     model.train()
     losses: list[float] = []
-    started = time.perf_counter()
+    started = accounted = time.perf_counter()
+
+    def account_walltime() -> None:
+        """Add the time since the last account to the snapshot's walltime (each interval
+        once: a mid-epoch save must not count the epoch's earlier part again)."""
+        nonlocal accounted
+        now = time.perf_counter()
+        snapshot.walltime += now - accounted
+        accounted = now
+
     session.synced_step = None  # from here on, memory is ahead of storage
     session.pristine = False
     try:
@@ -95,14 +104,14 @@ def train_epoch(
             optimizer.step()
             losses.append(loss.item())
             if session.preemption is not None and session.preemption.requested:
-                snapshot.walltime += time.perf_counter() - started
+                account_walltime()
                 save_final_checkpoint(snapshot, step, session.preemption)  # raises
             every = config.checkpoint_every_steps
             if step < last and every and step % every == 0:
-                snapshot.walltime += time.perf_counter() - started
+                account_walltime()
                 snapshot.save(step)
                 log(f"epoch {epoch}: saving mid-epoch checkpoint at step {step}")
-        snapshot.walltime += time.perf_counter() - started
+        account_walltime()
         snapshot.save(last)
         snapshot.wait()
         _apply_retention(session)

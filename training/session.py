@@ -9,6 +9,7 @@ half-way through an epoch -- restores the newest checkpoint that verifies first.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 
@@ -16,6 +17,7 @@ from torchsnapshot import RNGState
 
 from recipes.base import Recipe, load_recipe
 from tml_checkpointing import (
+    CorruptCheckpointError,
     PreemptionGuard,
     Snapshot,
     get_latest_valid_checkpoint,
@@ -23,6 +25,8 @@ from tml_checkpointing import (
     quarantine_checkpoint,
     step_from_checkpoint,
 )
+from tml_checkpointing.shapes import check_checkpoint_fits
+from tml_checkpointing.snapshot import EXTRA_STATE
 
 from .config import TrainConfig
 
@@ -37,6 +41,9 @@ class TrainingSession:
         self.synced_step: int | None = None
         self.pristine = True  # state is exactly what the recipe built (nothing trained yet)
         self.preemption: PreemptionGuard | None = None  # set by the flow, checked every step
+        # First step trained with this config (run.json's current segment; set at the start):
+        # a checkpoint before it was written under other parameters.
+        self.config_from_step = 1
         self._build()
 
     def _build(self) -> None:
@@ -46,6 +53,33 @@ class TrainingSession:
             self.config.save_dir,
             {"model": self.recipe.model, "optimizer": self.recipe.optimizer, "rng": RNGState()},
             storage_options=self.config.storage_options,
+        )
+        self._built_hyperparameters = [
+            copy.deepcopy({key: value for key, value in group.items() if key != "params"})
+            for group in self.recipe.optimizer.param_groups
+        ]
+
+    def _apply_built_hyperparameters(self, checkpoint: str) -> None:
+        """A checkpoint from before a config change (``--allow-changed-config``) restores the
+        optimizer's old hyperparameters with its state; the new segment's (lr, ...) are the
+        ones the recipe built from the new parameters, so they are put back."""
+        groups = self.recipe.optimizer.param_groups
+        if len(groups) != len(self._built_hyperparameters):
+            logger.warning(
+                "%s has %s optimizer param groups, the recipe builds %s: hyperparameters kept "
+                "as restored.",
+                checkpoint,
+                len(groups),
+                len(self._built_hyperparameters),
+            )
+            return
+        for group, built in zip(groups, self._built_hyperparameters, strict=True):
+            group.update(copy.deepcopy(built))
+        logger.info(
+            "%s predates this run's parameters (from step %s): optimizer hyperparameters set "
+            "from the current config.",
+            checkpoint,
+            self.config_from_step,
         )
 
     def latest_checkpoint(self) -> str:
@@ -69,7 +103,19 @@ class TrainingSession:
             return step
         if latest:
             logger.info("Restoring %s.", latest)
-            self.snapshot.restore(latest)
+            try:
+                self.snapshot.restore(latest)  # every byte hashed as it is read
+            except CorruptCheckpointError as error:
+                # Bytes were read and are wrong (a read *fault* would be CheckpointReadError
+                # and propagate): move it aside, fall back to the one before it. The state
+                # may be half-restored, so nothing in memory counts as synced any more.
+                logger.warning("%s; falling back to the previous valid checkpoint.", error)
+                self.synced_step = None
+                self.pristine = False
+                quarantine_checkpoint(latest, storage_options=self.config.storage_options)
+                return self.sync_with_storage()
+            if step < self.config_from_step:
+                self._apply_built_hyperparameters(latest)
         else:
             if not self.pristine:
                 self._build()
@@ -79,6 +125,16 @@ class TrainingSession:
         self.snapshot.step = step
         self.synced_step = step
         return step
+
+    def check_fits(self, checkpoint: str, keys: list[str] | None = None) -> None:
+        """Raise ``CheckpointShapeMismatchError`` unless ``checkpoint`` restores into this
+        state (all of it, or ``keys``); reads its manifest only, changes nothing."""
+        state = {
+            key: value
+            for key, value in self.snapshot.state.items()
+            if key != EXTRA_STATE and (keys is None or key in keys)
+        }
+        check_checkpoint_fits(checkpoint, state, self.config.storage_options)
 
     def _move_aside_newer_than(self, step: int) -> None:
         """Committed checkpoints past the newest valid one are corrupt: training will write
