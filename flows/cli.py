@@ -1,22 +1,35 @@
 """The ``tml`` command: the library's ``checkpoints`` commands plus the flows (Prefect).
 
 Prefect is imported only when a flow command runs, so ``tml checkpoints ...`` works without
-it. Without ``PREFECT_API_URL``, Prefect starts its temporary local server; we turn off its
-analytics (it would try to reach the internet) and give it time to start on small machines.
+it. Without a configured ``PREFECT_API_URL``, a flow command starts a private Prefect API server
+for its own run (:mod:`flows.local_server`: out of the CLI's process group, dies with the CLI)
+instead of Prefect's temporary one; analytics stay off (they would try to reach the internet).
+SIGTERM / SIGINT end any command with 128 + signum, without a traceback, in bounded time
+(:mod:`flows.signals`); while epochs run, the step in progress is checkpointed first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+# Only the standard library and the two small modules below at import time: main() installs
+# the signal handlers before the heavy imports (torch, Prefect) start.
+from flows.local_server import (
+    LocalPrefectServer,
+    LocalServerError,
+    ensure_prefect_api,
+    start_unless_api_in_environment,
+)
+from flows.signals import exit_on_signals, exiting, is_signal_exit_code
 
-from tml_checkpointing.cli import main as tml_main
-from tml_checkpointing.cli import positive_int
+if TYPE_CHECKING:
+    from rich.console import Console
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -24,16 +37,55 @@ PREFECT_DEFAULTS = {
 }
 
 
-def _prepare_prefect_environment() -> None:
+FLOW_COMMANDS = frozenset({"train", "evaluate", "retrain"})
+_server: LocalPrefectServer | None = None  # this run's private Prefect API server, if any
+_prefect_prepared = False
+
+
+def _apply_prefect_defaults() -> None:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
 
+def _start_prefect_early(argv: Sequence[str]) -> None:
+    """A flow command without PREFECT_API_URL in the environment: start the private server
+    before anything heavy is imported, so that its start overlaps the CLI's imports."""
+    global _server
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command in FLOW_COMMANDS and not {"-h", "--help"} & set(argv):
+        _apply_prefect_defaults()
+        _server = start_unless_api_in_environment()
+
+
+def _prepare_prefect_environment() -> None:
+    """Prefect defaults; the private API server unless Prefect's settings name an API (one
+    started early is kept or stopped); :func:`_prefect_ready` waits for it."""
+    global _server, _prefect_prepared
+    _apply_prefect_defaults()
+    if not _prefect_prepared:
+        _server = ensure_prefect_api(_server)
+        _prefect_prepared = True
+
+
+def _prefect_ready() -> None:
+    """Wait for the private server (if this run has one): call right before the flow."""
+    if _server is not None:
+        _server.wait_until_ready()
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console()
+
+
 def _train(args: argparse.Namespace) -> int:
     _prepare_prefect_environment()
-    from flows.train import train
+    from flows.train import FLOW_ONLY_PARAMETERS, train, train_config
+    from training.session import close_session
+    from training.start import check_run_start
 
-    result = train(
+    params: dict[str, Any] = dict(
         save_dir=args.save_dir,
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
@@ -48,12 +100,23 @@ def _train(args: argparse.Namespace) -> int:
         evaluator_timeout=args.evaluator_timeout,
         keep_last=args.keep_last,
         keep_every_steps=args.keep_every_steps,
+        allow_changed_config=args.allow_changed_config,
     )
+    # A start that cannot work fails here, in a second, before Prefect starts (the flow checks
+    # again, for runs started from deployments). Nothing is written either way.
+    config = train_config(**{k: v for k, v in params.items() if k not in FLOW_ONLY_PARAMETERS})
+    try:
+        check_run_start(config, allow_changed_config=args.allow_changed_config)
+    except BaseException:
+        close_session(config)
+        raise
+    _prefect_ready()
+    result = train(**params)
     if args.json:
         summary = result.model_dump(exclude={"epochs"})
         print(json.dumps(summary), flush=True)
     else:
-        Console().print(
+        _console().print(
             f"[bold green]done[/]: step {result.final_step} -> {result.checkpoint} "
             f"(trained epochs {result.epochs_run or 'none'}, "
             f"skipped {result.epochs_skipped or 'none'})"
@@ -64,18 +127,23 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     _prepare_prefect_environment()
     from flows.evaluate import evaluate
+    from training.evaluation import EvalConfig, await_run
 
+    if not args.wait_for_run:  # a missing save_dir fails at once, before Prefect starts
+        await_run(EvalConfig(save_dir=args.save_dir, partition=args.partition))
+    _prefect_ready()
     summary = evaluate(
         save_dir=args.save_dir,
         partition=args.partition,
         eval_steps=args.eval_steps,
         timeout=args.timeout,
         poll_seconds=args.poll_seconds,
+        wait_for_run=args.wait_for_run,
     )
     if args.json:
         print(json.dumps(summary.model_dump(exclude={"results"})), flush=True)
     else:
-        Console().print(
+        _console().print(
             f"[bold green]done[/]: evaluated steps {summary.evaluated or 'none'} on "
             f"{summary.partition} (already done: {summary.skipped or 'none'}; "
             f"final checkpoint reached: {summary.reached_final})"
@@ -87,6 +155,7 @@ def _retrain(args: argparse.Namespace) -> int:
     _prepare_prefect_environment()
     from flows.retrain import retrain
 
+    _prefect_ready()
     lineage = retrain(
         runs_dir=args.runs_dir,
         epochs=args.epochs,
@@ -98,7 +167,7 @@ def _retrain(args: argparse.Namespace) -> int:
     if args.json:
         print(lineage.model_dump_json(), flush=True)
     else:
-        Console().print(
+        _console().print(
             f"[bold green]done[/]: {lineage.run_dir} (warm start: "
             f"{lineage.warm_start_checkpoint or 'none'}) -> {lineage.final_checkpoint}"
         )
@@ -106,10 +175,32 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _positive_float(text: str) -> float:
+    """Seconds: > 0 (``inf`` allowed, meaning no limit; ``nan`` is not a number of seconds)."""
     value = float(text)
-    if value <= 0:
+    if math.isnan(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _recipe(text: str) -> str:
+    """The recipe is imported here, so a typo fails before anything starts or is written."""
+    from recipes.base import RecipeError, load_recipe
+
+    try:
+        load_recipe(text)
+    except RecipeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _non_negative(text: str) -> int:
@@ -121,6 +212,7 @@ def _non_negative(text: str) -> int:
 
 def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     from recipes.base import DEFAULT_RECIPE
+    from tml_checkpointing.cli import positive_int
 
     commands = next(
         action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
@@ -130,10 +222,10 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--epochs", type=positive_int, required=True)
     train.add_argument("--steps-per-epoch", type=positive_int, default=20)
     train.add_argument("--batch-size", type=positive_int, default=256)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr", type=_learning_rate, default=1e-3, help="finite, > 0")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every-steps", type=_non_negative, default=0)
-    train.add_argument("--recipe", default=DEFAULT_RECIPE, help="module:function")
+    train.add_argument("--recipe", type=_recipe, default=DEFAULT_RECIPE, help="module:function")
     train.add_argument("--initial-checkpoint", default=None, help="warm start (weights only)")
     train.add_argument("--fail-at-step", type=positive_int, default=None, help="inject a failure")
     train.add_argument(
@@ -143,6 +235,11 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--evaluator-timeout", type=_positive_float, default=600.0)
     train.add_argument("--keep-last", type=positive_int, default=None, help="retention")
     train.add_argument("--keep-every-steps", type=positive_int, default=None, help="milestones")
+    train.add_argument(
+        "--allow-changed-config", action="store_true",
+        help="resume with other recipe/seed/batch size/steps per epoch/lr than run.json records "
+        "(recorded there as a new segment); refused otherwise",
+    )  # fmt: skip
     train.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
     train.set_defaults(handler=_train)
 
@@ -154,6 +251,10 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--eval-steps", type=positive_int, default=10)
     evaluate.add_argument("--timeout", type=_positive_float, default=1800.0)
     evaluate.add_argument("--poll-seconds", type=_positive_float, default=10.0)
+    evaluate.add_argument(
+        "--wait-for-run", action="store_true",
+        help="wait (up to --timeout) for SAVE_DIR to appear instead of failing when it is missing",
+    )  # fmt: skip
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -169,7 +270,23 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return tml_main(argv, extend=add_flow_commands)
+    """Run ``tml``. SIGTERM/SIGINT end it with 128 + signum in bounded time (flows.signals)."""
+    restore_signals = exit_on_signals()  # first, before the heavy imports
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _start_prefect_early(argv)
+    from tml_checkpointing.cli import main as tml_main
+
+    try:
+        return tml_main(argv, extend=add_flow_commands)
+    except SystemExit as stop:  # a signal's SignalExit, or a preempted run's 128 + signum
+        if isinstance(stop.code, int) and is_signal_exit_code(stop.code):
+            exiting(stop.code)
+        raise
+    except LocalServerError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        restore_signals()  # matters only when called in-process (tests, argparse exits)
 
 
 if __name__ == "__main__":

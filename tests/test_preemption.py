@@ -24,6 +24,8 @@ from tml_checkpointing import (
     verify_checkpoint,
 )
 
+from .conftest import PrefectServer
+
 REPO = Path(__file__).resolve().parents[1]
 LOOP = Path(__file__).parent / "helpers" / "train_loop.py"
 
@@ -36,6 +38,35 @@ def test_guard_sets_flag_and_restores_handlers() -> None:
         assert guard.requested and guard.signal_name == "SIGUSR1"
         assert guard.exit_code == 128 + signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_guard_catches_ctrl_c_by_default() -> None:
+    """SIGINT (Ctrl-C, or a group signal) is a preemption too: checkpoint, then exit 130."""
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+        assert guard.requested and guard.signal_name == "SIGINT"
+        assert guard.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_flow_guard_honours_a_signal_that_came_after_the_last_step(
+    prefect_api: PrefectServer,
+) -> None:
+    """A signal during the last save has no step left to stop: the run still exits 128 + n."""
+    from prefect import flow
+
+    from flows.train import preemption_guard
+
+    @flow(name="guard-after-last-step")
+    def body() -> None:
+        with preemption_guard() as guard:
+            assert guard is not None
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the guard; no step checks it
+
+    with pytest.raises(SystemExit) as stopped:
+        body()
+    assert stopped.value.code == 143
 
 
 def test_guard_outside_main_thread_is_refused() -> None:
