@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU wheel of torch is pinned and installed first: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test quick lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -30,11 +30,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+# The edit-test loop: everything but the tests that start processes or Prefect (~1 min).
+quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_save_restore.py --size-mb 512 --repeat 3

@@ -220,14 +220,21 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
-    """Run flows in this process against the session's server, without heartbeat waits."""
+def prefect_api(
+    prefect_server: PrefectServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[PrefectServer]:
+    """Run flows in this process against the session's server, without heartbeat waits.
+
+    The environment names the server too: ``tml`` called in-process (``flows.cli.main``)
+    decides from the environment, before importing Prefect, whether to start a private server.
+    """
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
         temporary_settings,
     )
 
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
     with temporary_settings(
         updates={PREFECT_API_URL: prefect_server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     ):
@@ -261,3 +268,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if leftovers:
         print("\nERROR: processes left running by the tests:\n  " + "\n  ".join(leftovers))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- tiers -------------------------------------------------------------------------------------
+
+_SLOW_FIXTURES = {"prefect_server", "prefect_api"}
+_SLOW_MODULES = {"test_crash", "test_kill_resume", "test_signals", "test_deployment"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: starts processes or a Prefect server (left out by `make quick`)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need a Prefect server or kill processes are `slow`; the rest is `make quick`."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in _SLOW_MODULES or fixtures & _SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
