@@ -44,10 +44,14 @@ lint: $(STAMP) typecheck
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Writes benchmarks/results/*.json and redraws docs/benchmarks.svg (the README's chart).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_save_restore.py --size-mb 512 --repeat 3
+	$(BIN)/python benchmarks/bench_save_restore.py --size-mb 512 --repeat 5 --json \
+	  > benchmarks/results/save_restore.json
+	$(BIN)/python benchmarks/chart.py benchmarks/results/save_restore.json docs/benchmarks.svg
 	$(BIN)/python benchmarks/bench_flow_overhead.py --short 2 --long 12 --repeat 5
-	$(BIN)/python benchmarks/bench_verify.py --size-mb 1024 --repeat 3
+	$(BIN)/python benchmarks/bench_verify.py --size-mb 1024 --repeat 5 --json \
+	  > benchmarks/results/verify.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -6,8 +6,9 @@ Measures, on one state (model + Adam moments, ~``--size-mb``):
 * ``xxh3_64 of the state in memory``: the hashing part of that save, measured alone;
 * ``verify size`` (one listing + marker + sidecar), ``verify full`` (reads and hashes every
   byte) with a warm page cache, and again cold when the page cache can be dropped (root);
-* ``tml restore`` with ``verify="none"`` and with the default ``verify="size"``, cold when
-  possible.
+* ``tml restore`` with ``verify="none"``, ``"size"`` and the default ``"full"`` (sizes up
+  front, then every byte hashed as it is read), cold when possible, in rotating order so that
+  no level always runs first; the report gives each one's overhead over ``verify="none"``.
 
     .venv/bin/python benchmarks/bench_verify.py --size-mb 1024 --repeat 3
 
@@ -72,19 +73,38 @@ def one_round(
     target = build_state(size_mb)
     cold = drop_caches()
     suffix = " (cold)" if cold else " (warm)"
-    record(
-        f"tml restore verify=none{suffix}",
-        timed(lambda: Snapshot(str(save_dir), target).restore(checkpoint, verify="none")),
-    )
-    drop_caches()
-    record(
-        f"tml restore verify=size{suffix}",
-        timed(lambda: Snapshot(str(save_dir), target).restore(checkpoint)),
-    )
+    levels = ["none", "size", "full"]
+    shift = record.rounds % len(levels)  # type: ignore[attr-defined]
+    for level in levels[shift:] + levels[:shift]:
+        drop_caches()
+        record(
+            f"tml restore verify={level}{suffix}",
+            timed(
+                lambda level=level: Snapshot(str(save_dir), target).restore(
+                    checkpoint, verify=level
+                )
+            ),
+        )
+    # Warm page cache: no disk in the way, so what verification adds shows most plainly.
+    for level in levels[shift:] + levels[:shift]:
+        record(
+            f"tml restore verify={level} (warm)",
+            timed(
+                lambda level=level: Snapshot(str(save_dir), target).restore(
+                    checkpoint, verify=level
+                )
+            ),
+        )
     if cold:
         drop_caches()
         record("verify full (cold)", timed(lambda: verify_checkpoint(checkpoint, level="full")))
     shutil.rmtree(save_dir)
+
+
+def _baseline(rows: dict[str, float], name: str) -> float:
+    """The ``verify=none`` restore measured under the same cache conditions as ``name``."""
+    condition = name[name.index(" (") :]
+    return rows[f"tml restore verify=none{condition}"]
 
 
 def main() -> None:
@@ -103,8 +123,10 @@ def main() -> None:
     def record(name: str, seconds: float) -> None:
         results.setdefault(name, []).append(seconds)
 
+    record.rounds = 0  # type: ignore[attr-defined]
     try:
         for attempt in range(args.repeat):
+            record.rounds = attempt  # type: ignore[attr-defined]
             one_round(work / f"run{attempt}", state, args.size_mb, record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -121,6 +143,11 @@ def main() -> None:
             for k, v in rows.items()
             if k.startswith(("verify", "xxh3"))
         },
+        "restore_overhead_vs_none": {
+            k: round(v / _baseline(rows, k) - 1, 4)
+            for k, v in rows.items()
+            if k.startswith("tml restore")
+        },
     }
     if args.json:
         print(json.dumps(report))
@@ -131,6 +158,9 @@ def main() -> None:
         share = ""
         if name.startswith(("verify", "xxh3")):
             share = f"{100 * seconds / save:9.1f}% {100 * seconds / restore:12.1f}%"
+        if name.startswith("tml restore"):
+            over = 100 * (seconds / _baseline(rows, name) - 1)
+            share = f"{'':10} {over:+11.1f}% (vs verify=none)"
         print(f"{name:40} {seconds:8.3f} {gb / seconds:7.2f} {share}")
 
 
