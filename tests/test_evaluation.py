@@ -71,3 +71,17 @@ def test_wait_returns_once_evaluators_finish(save_dir: str) -> None:
 def test_wait_for_a_step_never_written_times_out(tmp_path: Path) -> None:
     result = wait_for_evaluators(str(tmp_path), ["a"], 99, timeout=0.1, poll_seconds=0.02)
     assert not result and result.pending == ("a",)
+
+
+@pytest.mark.parametrize("metrics", [{"": 1.0}, {"loss": "low"}, {"loss": None}])
+def test_bad_metrics_are_a_named_error_and_write_nothing(tmp_path: Path, metrics: dict) -> None:
+    from tml_checkpointing import (
+        InvalidArgumentError,
+        read_checkpoint_metrics,
+        write_checkpoint_metrics,
+    )
+
+    checkpoint = _checkpoint(str(tmp_path / "run"))
+    with pytest.raises(InvalidArgumentError, match="metric"):
+        write_checkpoint_metrics(checkpoint, metrics)
+    assert read_checkpoint_metrics(checkpoint) == {}

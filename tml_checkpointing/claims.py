@@ -4,10 +4,11 @@ Why: an uncommitted ``<step>`` directory is either a crashed writer's leftovers 
 written right now, and an age threshold alone cannot tell them apart (a 512 MB save is "0.3 s
 old" for its whole first second). So :meth:`Snapshot.save` writes ``<step>/.writing`` naming
 its process before any data, and the commit removes it after the marker. Cleanup leaves a
-claimed directory alone while its claimant is alive: the process still runs (same host), or
-its heartbeat-carrying writer lock on the ``save_dir`` is live (another host). The storage
-plugin also refuses to commit when files it wrote are gone, so even a cleanup that ignores
-claims (an older version, ``rm -r``) cannot produce a committed checkpoint with missing data.
+claimed directory alone while its claimant's process still runs. A claim from another host
+cannot be checked that way; there the age threshold of ``clean-incomplete`` decides, as for an
+unclaimed directory. Either way the storage plugin refuses to commit when files it wrote are
+gone, so no cleanup (an old version, another host, ``rm -r``) can produce a committed
+checkpoint with missing data: the save fails instead.
 """
 
 from __future__ import annotations

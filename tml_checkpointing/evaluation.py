@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .discovery import get_checkpoint, is_committed, step_from_checkpoint
-from .errors import CheckpointNotFoundError, InvalidPartitionNameError
+from .errors import CheckpointNotFoundError, InvalidArgumentError, InvalidPartitionNameError
 from .faults import reading, writing
 from .filesystem import StorageOptions, invalidate_listing, join_url, replace_file, resolve
 from .layout import (
@@ -197,8 +197,13 @@ def write_checkpoint_metrics(
     merged = _read_metrics_file(fs, path)
     for name, value in metrics.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"metric names must be non-empty strings, got {name!r}")
-        merged[name] = float(value)
+            raise InvalidArgumentError(f"metric names must be non-empty strings, got {name!r}")
+        try:
+            merged[name] = float(value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(
+                f"metric {name!r} must be a number, got {type(value).__name__} {value!r}"
+            ) from None
     with writing(f"the metrics of {checkpoint}"):
         replace_file(fs, path, json.dumps(merged, sort_keys=True).encode())
     return merged
