@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The CPU wheel of torch is pinned and installed first: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC := torch==2.13.0
+# TorchRec (recipes.torchrec_ranking) declares a dependency on `fbgemm-gpu`, the CUDA build, which a
+# resolver pulls in and which overwrites the CPU build (same import folder `fbgemm_gpu/`). So
+# torchrec is installed last, alone and with --no-deps; its other dependencies, with
+# fbgemm-gpu-cpu in place of fbgemm-gpu, are the `torchrec` extra in pyproject.toml.
+TORCHREC_SPEC := torchrec==1.8.0
 
 .PHONY: setup demo test quick lint typecheck bench clean
 
@@ -14,7 +19,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,torchrec]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(TORCHREC_SPEC)"
+	$(BIN)/python -c "import torchrec, fbgemm_gpu"
 	touch $(STAMP)
 
 # The main job: train 3 epochs with one injected failure (watch the retry), then run the same
