@@ -273,7 +273,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # -- tiers -------------------------------------------------------------------------------------
 
 _SLOW_FIXTURES = {"prefect_server", "prefect_api"}
-_SLOW_MODULES = {"test_crash", "test_kill_resume", "test_signals", "test_deployment"}
+_SLOW_MODULES = {
+    "test_crash",
+    "test_kill_resume",
+    "test_signals",
+    "test_deployment",
+    "test_distributed",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:

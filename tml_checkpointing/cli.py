@@ -22,7 +22,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -37,6 +37,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from torchsnapshot.manifest import ShardedTensorEntry
 
 from . import __version__
 from .cleanup import IncompleteCheckpoint, clean_incomplete, find_incomplete, scan_incomplete
@@ -266,7 +267,7 @@ def _checkpoints_inspect(args: argparse.Namespace) -> int:
             path=COMMIT_MARKER,
         )
     report = verify_checkpoint(args.checkpoint, level="size", raise_on_corrupt=False)
-    entries = [_describe_entry(name, entry) for name, entry in metadata.manifest.items()]
+    entries = [_describe_entry(name, entry) for name, entry in _merge_shards(metadata.manifest)]
     entries = [e for e in entries if e["type"] not in ("dict", "list", "OrderedDict")]
     payload = {
         "checkpoint": args.checkpoint,
@@ -297,6 +298,26 @@ def _checkpoints_inspect(args: argparse.Namespace) -> int:
 
     _emit(args, payload, render)
     return EXIT_CORRUPT if report.status == "corrupt" else EXIT_OK
+
+
+def _merge_shards(manifest: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Manifest entries, with a sharded tensor shown once with its full shape.
+
+    Each saving rank's entry (``0/model/t``, ``1/model/t``) lists only that rank's shards; the
+    row is named by the logical path (``model/t``) and describes the whole table.
+    """
+    merged: dict[str, Any] = {}
+    rows: list[tuple[str, Any]] = []
+    for name, entry in manifest.items():
+        if not isinstance(entry, ShardedTensorEntry):
+            rows.append((name, entry))
+            continue
+        logical = name.split("/", 1)[1]
+        if logical not in merged:
+            merged[logical] = ShardedTensorEntry(shards=[])
+            rows.append((logical, merged[logical]))
+        merged[logical].shards.extend(entry.shards)
+    return rows
 
 
 def _describe_entry(name: str, entry: Any) -> dict[str, Any]:

@@ -12,7 +12,8 @@ makes a checkpoint committed, lose data silently. Everything that names a file i
       <step>/                      a checkpoint; <step> is canonical decimal: 0, 7, 120
         .writing                   claim of a save in flight (removed at commit)
         <rank>/...                 torchsnapshot data files
-        .integrity.json            sizes and checksums of the data files
+        .integrity.json            sizes and checksums of the data files (of every rank)
+        .integrity.json.rank-<r>   rank r's records while a multi-rank save is in flight
         .snapshot_metadata         torchsnapshot manifest = the commit marker, written last
         evaled_by/<partition>_DONE evaluator done-markers (added after commit)
         eval/<partition>.json      per-partition metrics (added after commit)
@@ -81,6 +82,14 @@ def quarantine_name(step_dir: str, reason: str, now: float | None = None) -> str
 
 
 # -- files inside one checkpoint -------------------------------------------------------------
+
+
+def integrity_part_name(rank: int) -> str:
+    """``.integrity.json.rank-<rank>``: one rank's sidecar records, merged by rank 0 at commit.
+
+    Named under the sidecar's prefix, so it is never taken for data (:func:`is_data_file`).
+    """
+    return f"{INTEGRITY_SIDECAR}.rank-{rank}"
 
 
 def done_marker_name(partition: str) -> str:

@@ -54,7 +54,9 @@ def find_shape_mismatches(metadata: Any, state: Mapping[str, Any]) -> list[Shape
     module's key (``load_state_dict`` is strict); other statefuls (optimizers) legitimately
     gain or lose state entries, so for them only common tensors are compared.
     """
-    manifest, _ = get_manifest_for_rank(metadata=metadata, rank=_rank())
+    rank = _rank()  # a rank added since the save reads rank 0's part (see torchsnapshot_compat)
+    rank = rank if rank < metadata.world_size else 0
+    manifest, _ = get_manifest_for_rank(metadata=metadata, rank=rank)
     mismatches: list[ShapeMismatch] = []
     for key, stateful in state.items():
         _, flattened = flatten(stateful.state_dict(), prefix=key)

@@ -175,6 +175,12 @@ class SidecarRecorder:
         with self._lock:
             return {name: int(entry["size"]) for name, entry in self._files.items()}
 
+    def merge(self, sidecar: Sidecar) -> None:
+        """Add another writer's records (another rank's part of the same checkpoint)."""
+        with self._lock:
+            for name, record in sidecar.files.items():
+                self._files[name] = {"size": record.size, "blocks": list(record.blocks)}
+
     def to_bytes(self) -> bytes:
         with self._lock:
             files = dict(sorted(self._files.items()))

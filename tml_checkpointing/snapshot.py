@@ -371,41 +371,65 @@ class Snapshot:
         """Load one tensor of a snapshot (e.g. a pretrained embedding table) in place.
 
         ``snapshot_emb_name`` is the entry's logical path without the rank
-        (``model/embeddings.weight``) or a unique part of it.
+        (``model/embeddings.weight``) or a unique part of it. A table sharded over ranks
+        (TorchRec ``ShardedTensor``, saved by any number of ranks under any plan) is read
+        whole from every rank's shards into ``weight_tensor``; no process group is needed.
         """
-        manifest = torch_snapshot.get_manifest()
-        tensors = {
-            path: entry
-            for path, entry in manifest.items()
-            if path.startswith("0/") and getattr(entry, "type", "") in _TENSOR_ENTRY_TYPES
-        }
-        exact = f"0/{snapshot_emb_name.strip('/')}"
+        tensors = _tensor_entries(torch_snapshot.get_manifest())
+        exact = snapshot_emb_name.strip("/")
         if exact in tensors:
             chosen = exact
         else:
             matches = [path for path in tensors if snapshot_emb_name in path]
             if len(matches) != 1:
-                listing = ", ".join(path[2:] for path in sorted(matches or tensors)[:30])
+                listing = ", ".join(sorted(matches or tensors)[:30])
                 problem = "is ambiguous" if matches else "matches no tensor"
                 raise SnapshotEntryNotFoundError(
                     f"{snapshot_emb_name!r} {problem} in snapshot {torch_snapshot.path}; "
                     f"{'candidates' if matches else 'tensors it holds'}: {listing or '(none)'}"
                 )
             chosen = matches[0]
-        entry = tensors[chosen]
-        saved_shape = list(getattr(entry, "shape", []) or [])
+        ranked, saved_shape = tensors[chosen]
         if saved_shape and list(weight_tensor.shape) != saved_shape:
             raise SnapshotStateError(
-                f"{chosen[2:]} has shape {saved_shape} in the snapshot, but the target tensor "
+                f"{chosen} has shape {saved_shape} in the snapshot, but the target tensor "
                 f"has shape {list(weight_tensor.shape)}"
             )
         started = time.monotonic()
         with reading(f"{chosen} of snapshot {torch_snapshot.path}"):
-            torch_snapshot.read_object(chosen, obj_out=weight_tensor)
+            torch_snapshot.read_object(ranked, obj_out=weight_tensor)
         logger.info("Loaded %s in %.3fs.", chosen, time.monotonic() - started)
 
 
 _TENSOR_ENTRY_TYPES = {"Tensor", "ShardedTensor", "ChunkedTensor", "DTensor"}
+
+
+def _tensor_entries(manifest: Mapping[str, Any]) -> dict[str, tuple[str, list[int]]]:
+    """``{logical path: (ranked path to read, full shape)}`` of every tensor in a manifest.
+
+    The lowest rank that saved a path is read (rank 0 for replicated and plain state). A
+    sharded entry lists only its rank's shards; ``read_object`` merges all ranks' shards, and
+    the full shape is the extent of all of them.
+    """
+    found: dict[str, tuple[str, list[int]]] = {}
+    extents: dict[str, list[int]] = {}
+    for path, entry in sorted(manifest.items(), key=lambda item: _rank_of(item[0])):
+        if "/" not in path or getattr(entry, "type", "") not in _TENSOR_ENTRY_TYPES:
+            continue
+        logical = path.split("/", 1)[1]
+        found.setdefault(logical, (path, list(getattr(entry, "shape", None) or [])))
+        for shard in getattr(entry, "shards", None) or []:
+            ends = [int(o) + int(n) for o, n in zip(shard.offsets, shard.sizes, strict=True)]
+            known = extents.setdefault(logical, ends)
+            extents[logical] = [max(a, b) for a, b in zip(known, ends, strict=True)]
+    for logical, shape in extents.items():
+        found[logical] = (found[logical][0], shape)
+    return found
+
+
+def _rank_of(ranked_path: str) -> int:
+    head = ranked_path.split("/", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 def _must_pass_through(value: Any) -> bool:

@@ -19,7 +19,11 @@ Commit protocol (the invariant "a checkpoint exists only once committed"):
 
 Integrity: each data file's size and block checksums are recorded as it is written (on the
 buffer, in the writer thread) and stored as ``.integrity.json`` just before the marker, as
-durably as the data (see :mod:`tml_checkpointing.sidecar`). Reads are verified as they pass:
+durably as the data (see :mod:`tml_checkpointing.sidecar`). In a multi-rank save each rank
+other than 0 also stores its records so far as ``.integrity.json.rank-<r>`` after each data
+file it writes (so they are complete once its data is: before torchsnapshot's commit
+barrier); rank 0, which alone writes the marker, merges them into ``.integrity.json`` and
+removes them, so the sidecar covers every rank's files. Reads are verified as they pass:
 each range is widened to block boundaries, hashed and compared, so a flipped bit anywhere in
 what a restore reads raises :class:`~tml_checkpointing.errors.CorruptCheckpointError` naming
 the file (``storage_options={"tml_verify_reads": False}`` turns that off).
@@ -37,7 +41,9 @@ import os
 import threading
 from typing import Any
 
+import torch.distributed as dist
 from torchsnapshot.io_types import ReadIO, StoragePlugin, WriteIO
+from torchsnapshot.manifest import SnapshotMetadata
 
 from . import events
 from .errors import CheckpointWriteError, CorruptCheckpointError
@@ -52,7 +58,7 @@ from .filesystem import (
     replace_file,
     resolve,
 )
-from .layout import COMMIT_MARKER, INTEGRITY_SIDECAR, SAVE_CLAIM
+from .layout import COMMIT_MARKER, INTEGRITY_SIDECAR, SAVE_CLAIM, integrity_part_name
 from .locking import assert_holding
 from .sidecar import Sidecar, SidecarFormatError, SidecarRecorder, parse_sidecar
 
@@ -82,6 +88,8 @@ class FsspecStoragePlugin(StoragePlugin):
         self._local = is_local(self.fs)
         self._created_dirs: set[str] = set()
         self._integrity = SidecarRecorder()
+        self._rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self._part_lock = threading.Lock()
         self._sidecar: Sidecar | None = None
         self._sidecar_loaded = False
         self._sidecar_lock = threading.Lock()
@@ -111,6 +119,11 @@ class FsspecStoragePlugin(StoragePlugin):
         self._write_file(self._full_path(relative), buf)
         # Recorded only once stored: a failed write leaves no entry claiming it exists.
         self._integrity.record(relative, buf)
+        if self._rank != 0:
+            # Before this write returns: the part is complete once this rank's data is.
+            with self._part_lock:  # the last rewrite holds every record so far
+                part = self._full_path(integrity_part_name(self._rank))
+                self._write_file(part, self._integrity.to_bytes())
 
     def _write_file(self, path: str, buf: bytes | memoryview) -> None:
         if not self._local:
@@ -132,11 +145,14 @@ class FsspecStoragePlugin(StoragePlugin):
 
     def _commit(self, metadata: bytes) -> None:
         events.emit(events.SAVE_DATA_WRITTEN, path=self.url)
+        parts = self._merge_rank_parts(metadata)
         self._check_files_still_there()
         # The sidecar is data as far as durability goes: written (and fsynced) before the
         # marker, so a committed checkpoint always has the sidecar it was written with.
         self._write_file(self._full_path(INTEGRITY_SIDECAR), self._integrity.to_bytes())
         events.emit(events.SAVE_SIDECAR_WRITTEN, path=self.url)
+        for part in parts:  # merged into the sidecar: not left beside it
+            self.fs.rm_file(part)
         assert_holding(self.fs.unstrip_protocol(os.path.dirname(self.root)))  # lost: no commit
         replace_file(self.fs, self._full_path(COMMIT_MARKER), metadata)
         if self._local:
@@ -146,6 +162,32 @@ class FsspecStoragePlugin(StoragePlugin):
             fsync_directory(os.path.dirname(self.root) or ".")
         self._remove_claim()
         events.emit(events.SAVE_COMMITTED, path=self.url)
+
+    def _merge_rank_parts(self, metadata: bytes) -> list[str]:
+        """Take the other ranks' sidecar records into this (rank 0's) sidecar; their paths.
+
+        A rank that wrote no data file has no part. A part that cannot be parsed fails the
+        commit: the sidecar would otherwise silently cover less than the checkpoint.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return []  # one process: nothing to merge, and no manifest to parse
+        world_size = SnapshotMetadata.from_yaml(metadata.decode()).world_size
+        found: list[str] = []
+        for rank in range(1, world_size):
+            path = self._full_path(integrity_part_name(rank))
+            try:
+                raw = self.fs.cat_file(path)
+            except FileNotFoundError:
+                continue
+            try:
+                self._integrity.merge(parse_sidecar(raw))
+            except SidecarFormatError as error:
+                raise CheckpointWriteError(
+                    f"rank {rank}'s integrity records for {self.url} are unreadable ({error}); "
+                    "nothing was committed"
+                ) from error
+            found.append(path)
+        return found
 
     def _check_files_still_there(self) -> None:
         """Refuse to commit over data that went away (one listing, before the marker)."""

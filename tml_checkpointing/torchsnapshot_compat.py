@@ -5,7 +5,17 @@ torchsnapshot is pinned (``==0.1.0``; upstream is nearly unmaintained), so these
 * :class:`KeyFilteredSnapshot`: 0.1.0's ``_load_stateful`` reads *every* entry of the snapshot
   for *each* stateful it restores, then keeps the ones under that key: restoring
   ``{model, optimizer, extra_state, rng}`` reads the checkpoint four times. We hand it a
-  manifest restricted to the key being loaded, so each byte is read once.
+  manifest restricted to the key being loaded, so each byte is read once. The same walk is
+  torchsnapshot issue 135: with TorchRec's ``{"model": dmp, "optimizer": opt}`` as separate
+  entries, restoring one entry met the other's ``ShardedTensor`` entries, which have no object
+  to read into ("Reading a ShardedTensor without a runtime object is not supported").
+* Resharding of nested sharded tensors (:func:`reshard_manifest`): 0.1.0 lets a rank load
+  shards it did not save ("elasticity": another world size, another sharding plan) only when
+  *every* sharded tensor of the snapshot sits at the root of its entry (``model/<name>``).
+  Optimizer state (``optimizer/state/<param>/momentum1``) never does, and with separate model
+  and optimizer entries the model's tables then lost elasticity too. We apply the same rule
+  at any depth: a sharded tensor the restoring state asks for is read from all ranks' shards
+  (containers created as needed); one it does not ask for is dropped.
 * :func:`in_process_barrier_store`: ``async_take`` commits in a background thread behind a
   ``dist.Store`` barrier. Without an initialised process group, torchsnapshot bootstraps a
   ``TCPStore`` listening on the machine's hostname. One process needs no network for a barrier
@@ -21,9 +31,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torchsnapshot
 from torchsnapshot import dist_store
+from torchsnapshot.flatten import flatten
+from torchsnapshot.manifest import DictEntry, Entry, ShardedTensorEntry, is_dict_entry
+from torchsnapshot.manifest_ops import get_manifest_for_rank
 
 _STORE_LOCK = threading.Lock()
 
@@ -31,11 +45,16 @@ _STORE_LOCK = threading.Lock()
 class KeyFilteredSnapshot(torchsnapshot.Snapshot):
     """A ``torchsnapshot.Snapshot`` whose restore reads each stateful's entries only."""
 
-    def _load_stateful(self, stateful_key: str, stateful: Any, *args: Any, **kwargs: Any) -> None:
+    def _load_stateful(
+        self, stateful_key: str, stateful: Any, storage: Any, pg: Any, event_loop: Any
+    ) -> None:
         full = self.metadata
-        self._metadata = restrict_metadata(full, stateful_key)
+        restricted = restrict_metadata(full, stateful_key)
+        if stateful is not None:
+            restricted = reshard_manifest(restricted, stateful_key, stateful, pg.get_rank())
+        self._metadata = restricted
         try:
-            super()._load_stateful(stateful_key, stateful, *args, **kwargs)
+            super()._load_stateful(stateful_key, stateful, storage, pg, event_loop)
         finally:
             self._metadata = full
 
@@ -49,6 +68,65 @@ def restrict_metadata(metadata: Any, stateful_key: str) -> Any:
 
     manifest = {path: entry for path, entry in metadata.manifest.items() if belongs(path)}
     return dataclasses.replace(metadata, manifest=manifest)
+
+
+def reshard_manifest(metadata: Any, stateful_key: str, stateful: Any, rank: int) -> Any:
+    """Metadata whose manifest for ``rank`` holds exactly the sharded tensors ``stateful`` asks for.
+
+    Each requested sharded tensor gets the entry merged from every saving rank's shards (so
+    any plan or world size can read its part); sharded entries it does not request are
+    removed, with containers left empty by that. The result names only ``rank``, so
+    torchsnapshot's own ``get_manifest_for_rank`` returns this manifest unchanged.
+
+    A rank that did not exist when the checkpoint was saved (1 rank saved, 2 restore) reads
+    the non-sharded state as rank 0 saved it: in a sharded model that is the data-parallel
+    (replicated) part, identical on every rank. 0.1.0 would give it nothing to load.
+    """
+    manifest, merged = get_manifest_for_rank(
+        metadata=metadata, rank=rank if rank < metadata.world_size else 0
+    )
+    _, flattened = flatten(stateful.state_dict(), prefix=stateful_key)
+    requested = {path for path, value in flattened.items() if isinstance(value, torch.Tensor)}
+    for path in sorted(requested & merged.keys()):
+        if path not in manifest:
+            _add_entry(manifest, path, merged[path])
+    for path in [p for p, e in manifest.items() if isinstance(e, ShardedTensorEntry)]:
+        if path not in requested:
+            _remove_entry(manifest, path)
+    return dataclasses.replace(
+        metadata,
+        world_size=max(metadata.world_size, rank + 1),
+        manifest={f"{rank}/{path}": entry for path, entry in manifest.items()},
+    )
+
+
+def _add_entry(manifest: dict[str, Entry], path: str, entry: Entry) -> None:
+    manifest[path] = entry
+    parent, _, key = path.rpartition("/")
+    if not parent:
+        return
+    if parent not in manifest:
+        _add_entry(manifest, parent, DictEntry(keys=[]))
+    container = manifest[parent]
+    if is_dict_entry(container):
+        keys = container.keys  # type: ignore[attr-defined]
+        if key not in keys and not (key.isdigit() and int(key) in keys):
+            keys.append(key)
+
+
+def _remove_entry(manifest: dict[str, Entry], path: str) -> None:
+    """Remove ``path``, and its parent too when that leaves the parent an empty dict."""
+    del manifest[path]
+    parent, _, key = path.rpartition("/")
+    container = manifest.get(parent)
+    if container is None or not is_dict_entry(container):
+        return
+    keys = container.keys  # type: ignore[attr-defined]
+    for candidate in (key, int(key) if key.isdigit() else None):
+        if candidate in keys:
+            keys.remove(candidate)
+    if not keys and "/" in parent:  # never the stateful's own root entry
+        _remove_entry(manifest, parent)
 
 
 @contextmanager
