@@ -40,7 +40,8 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
-# The edit-test loop: everything but the tests that start processes or Prefect (~1 min).
+# The edit-test loop (~2 min): all but the tests marked slow in tests/conftest.py (Prefect
+# server, kill, signal, deployment and multi-rank tests).
 quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
