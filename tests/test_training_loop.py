@@ -132,6 +132,33 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_retrained(tmp_path: Path) 
     )
 
 
+def test_flipped_bit_found_while_restoring_falls_back_and_catches_up(tmp_path: Path) -> None:
+    """Same size, one bit changed: only the restore's hashing sees it. The run moves the
+    checkpoint aside, falls back to the one before and trains every step in between (the
+    previous epoch's included, with that epoch's batches): bit-identical in the end."""
+    reference = TrainConfig(save_dir=str(tmp_path / "ref"), **SMALL)
+    plain_run(reference)
+    config = TrainConfig(save_dir=str(tmp_path / "run"), **SMALL)
+    plain_run(config, epochs=range(2))
+    shard = max((p for p in (tmp_path / "run" / "12").rglob("*") if p.parent.name == "batched"),
+                key=lambda p: p.stat().st_size)  # fmt: skip
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    results = plain_run(config)
+    assert [r.status for r in results] == ["skipped", "skipped", "trained"]
+    assert results[-1].resumed_from_step == 6 and results[-1].steps_run == 12
+    aside = [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("12.corrupt-")]
+    assert len(aside) == 1
+    assert [step_from_checkpoint(c) for c in get_checkpoints(config.save_dir)] == [6, 12, 18]
+    assert_bit_identical(
+        checkpoint_tensors(config.save_dir), checkpoint_tensors(reference.save_dir)
+    )
+    assert_bit_identical(
+        checkpoint_tensors(config.save_dir, 12), checkpoint_tensors(reference.save_dir, 12)
+    )
+
+
 def test_retention_keeps_the_newest_and_milestones(tmp_path: Path) -> None:
     config = TrainConfig(
         save_dir=str(tmp_path), checkpoint_every_steps=2, keep_last=2, keep_every_steps=6, **SMALL

@@ -78,7 +78,12 @@ def train_epoch(
         )
 
     resumed_from = session.sync_with_storage(latest)
-    start = max(first, resumed_from + 1)
+    # Normally resumed_from >= first - 1 (the previous epoch ended committed). It is older when
+    # the restore found the newest checkpoint corrupt and fell back: then the steps in between
+    # are trained here too, each with its own epoch's batch, so no step is ever skipped.
+    start = resumed_from + 1
+    if start < first:
+        log(f"epoch {epoch}: catching up from step {start} (fell back to step {resumed_from})")
     model, optimizer, snapshot = session.recipe.model, session.recipe.optimizer, session.snapshot
     model.train()
     losses: list[float] = []
@@ -97,7 +102,9 @@ def train_epoch(
     try:
         for step in range(start, last + 1):
             _maybe_inject_failure(session, step)
-            batch = session.recipe.train_batch(epoch, step - first)
+            step_epoch = config.epoch_of_step(step)
+            step_first, step_last = config.epoch_steps(step_epoch)
+            batch = session.recipe.train_batch(step_epoch, step - step_first)
             optimizer.zero_grad(set_to_none=True)
             loss = session.recipe.loss(model, batch)
             loss.backward()
@@ -107,9 +114,9 @@ def train_epoch(
                 account_walltime()
                 save_final_checkpoint(snapshot, step, session.preemption)  # raises
             every = config.checkpoint_every_steps
-            if step < last and every and step % every == 0:
+            if step < last and (step == step_last or (every and step % every == 0)):
                 account_walltime()
-                snapshot.save(step)
+                snapshot.save(step)  # mid-epoch, or an earlier epoch's end while catching up
                 log(f"epoch {epoch}: saving mid-epoch checkpoint at step {step}")
         account_walltime()
         snapshot.save(last)
