@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .base import Batch, Recipe, RecipeParams
+from .data import partition_salt, seeded_generator, sliced_batches
 
 HEADS = ("like", "reply", "retweet", "click")
 NUM_USERS, NUM_AUTHORS, DENSE, EMBED = 1000, 400, 16, 16
@@ -44,21 +45,13 @@ class RankingModel(nn.Module):
         return self.heads(self.mlp(features))
 
 
-def _generator(*parts: int) -> torch.Generator:
-    """A generator seeded from a tuple of ints (stable across runs and machines)."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
 def synthetic_engagements(seed: int, count: int, salt: int = 0) -> dict[str, torch.Tensor]:
     """An engagement log drawn from a hidden ground-truth model fixed by ``seed``."""
-    truth = _generator(seed, 0)
+    truth = seeded_generator(seed, 0)
     user_taste = torch.randn(NUM_USERS, len(HEADS), generator=truth)
     author_appeal = torch.randn(NUM_AUTHORS, len(HEADS), generator=truth)
     dense_weight = torch.randn(DENSE, len(HEADS), generator=truth) * 0.5
-    draw = _generator(seed, 1, salt)
+    draw = seeded_generator(seed, 1, salt)
     user = torch.randint(0, NUM_USERS, (count,), generator=draw)
     author = torch.randint(0, NUM_AUTHORS, (count,), generator=draw)
     dense = torch.randn(count, DENSE, generator=draw)
@@ -79,17 +72,16 @@ def build(params: RecipeParams) -> Recipe:
         return loss_fn(module(batch), batch["labels"])
 
     def train_batch(epoch: int, index: int) -> Batch:
-        order = torch.randperm(TRAIN_EXAMPLES, generator=_generator(params.seed, 2, epoch))
+        order = torch.randperm(TRAIN_EXAMPLES, generator=seeded_generator(params.seed, 2, epoch))
         start = (index * params.batch_size) % TRAIN_EXAMPLES
         rows = order[(torch.arange(params.batch_size) + start) % TRAIN_EXAMPLES]
         return {key: value[rows] for key, value in train.items()}
 
     def eval_batches(partition: str, steps: int) -> Iterator[Batch]:
-        salt = sum(ord(c) * 31**i for i, c in enumerate(partition)) % 1_000_003 + 1
-        data = synthetic_engagements(params.seed, steps * params.batch_size, salt=salt)
-        for index in range(steps):
-            rows = slice(index * params.batch_size, (index + 1) * params.batch_size)
-            yield {key: value[rows] for key, value in data.items()}
+        data = synthetic_engagements(
+            params.seed, steps * params.batch_size, salt=partition_salt(partition)
+        )
+        yield from sliced_batches(data, steps, params.batch_size)
 
     return Recipe(
         model=model,

@@ -43,6 +43,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from .base import Batch, Recipe, RecipeParams
+from .data import partition_salt, seeded_generator, sliced_batches
 from .ranking import HEADS, evaluate_heads
 
 EMBEDDINGS = "embeddings"  # module name of the EmbeddingBagCollection in the model
@@ -123,14 +124,6 @@ class TorchRecRankingModel(nn.Module):
         return self.heads(self.mlp(torch.cat([pooled, batch["dense"]], dim=1)))
 
 
-def _generator(*parts: int) -> torch.Generator:
-    """A generator seeded from a tuple of ints (stable across runs and machines)."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
 def zipf_ids(
     num_ids: int, count: int, exponent: float, popularity: torch.Tensor, draw: torch.Generator
 ) -> torch.Tensor:
@@ -148,8 +141,8 @@ def synthetic_engagements(
     sizes: TorchRecRankingSizes, seed: int, count: int, salt: int = 0
 ) -> dict[str, torch.Tensor]:
     """An engagement log drawn from a hidden ground-truth model fixed by ``seed``."""
-    truth = _generator(seed, 0)
-    draw = _generator(seed, 1, salt)
+    truth = seeded_generator(seed, 0)
+    draw = seeded_generator(seed, 1, salt)
     heads = len(HEADS)
     dense = torch.randn(count, sizes.dense_features, generator=draw)
     dense_weight = torch.randn(sizes.dense_features, heads, generator=truth) * 0.5
@@ -220,17 +213,16 @@ def build_recipe(
         return loss_fn(module(batch), batch["labels"])
 
     def train_batch(epoch: int, index: int) -> Batch:
-        order = torch.randperm(pool, generator=_generator(params.seed, 2, epoch))
+        order = torch.randperm(pool, generator=seeded_generator(params.seed, 2, epoch))
         start = (index * world_size + rank) * params.batch_size
         rows = order[(torch.arange(params.batch_size) + start) % pool]
         return {key: value[rows] for key, value in train.items()}
 
     def eval_batches(partition: str, steps: int) -> Iterator[Batch]:
-        salt = sum(ord(c) * 31**i for i, c in enumerate(partition)) % 1_000_003 + 1
-        data = synthetic_engagements(sizes, params.seed, steps * params.batch_size, salt=salt)
-        for index in range(steps):
-            rows = slice(index * params.batch_size, (index + 1) * params.batch_size)
-            yield {key: value[rows] for key, value in data.items()}
+        data = synthetic_engagements(
+            sizes, params.seed, steps * params.batch_size, salt=partition_salt(partition)
+        )
+        yield from sliced_batches(data, steps, params.batch_size)
 
     return Recipe(
         model=model,

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hypothesis  # noqa: F401  (see below)
 import pytest
@@ -76,17 +77,34 @@ def _wait_until_serving(url: str, process: subprocess.Popen[bytes], limit_s: flo
     raise RuntimeError(f"moto server at {url} not ready after {limit_s}s")
 
 
+def start_moto(port: int, output: Any) -> subprocess.Popen[Any]:
+    """moto's S3 server on 127.0.0.1:``port``, its request log (a line per request) to
+    ``output`` (a file, or ``subprocess.PIPE`` to read it as text)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        text=output is subprocess.PIPE,
+    )
+
+
+def stop_process(process: subprocess.Popen[Any], grace_s: float = 30) -> None:
+    """Terminate, wait ``grace_s``, then kill: a test's server never outlives it."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        process = start_moto(port, log)
     saved = {k: os.environ.get(k) for k in _S3_ENV}
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
@@ -98,12 +116,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         _wait_until_serving(endpoint, process)
         yield S3Server(endpoint=endpoint, log_path=log_path, process=process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace_s=10)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

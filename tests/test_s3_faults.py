@@ -42,7 +42,7 @@ from tml_checkpointing import (
 )
 from tml_checkpointing.filesystem import S3_CONFIG_DEFAULTS, UPLOAD_PART_SIZE, resolve
 
-from .conftest import S3Server, _wait_until_serving, free_port
+from .conftest import S3Server, _wait_until_serving, free_port, start_moto, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 BOUND_S = 60  # what the issue promises, for the CLI (imports included) and the API
@@ -104,12 +104,7 @@ class FreezingMoto:
         self.marker = marker
         self.frozen = threading.Event()
         self.frozen_at = 0.0
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.process = start_moto(self.port, subprocess.PIPE)
         threading.Thread(target=self._watch, daemon=True).start()
         _wait_until_serving(self.url, self.process)  # type: ignore[arg-type]
 
@@ -127,12 +122,7 @@ class FreezingMoto:
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGCONT)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 # -- running things with a stopwatch -----------------------------------------------------------

@@ -5,7 +5,6 @@ disturb the session's."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,7 +22,7 @@ from tml_checkpointing import (
     verify_checkpoint,
 )
 
-from .conftest import _wait_until_serving, free_port
+from .conftest import _wait_until_serving, free_port, start_moto, stop_process
 
 BUCKET = "outage-bucket"
 
@@ -39,12 +38,7 @@ class WatchedServer:
     process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.process = start_moto(self.port, subprocess.PIPE)
         threading.Thread(target=self._watch, daemon=True).start()
         _wait_until_serving(self.endpoint, self.process)  # type: ignore[arg-type]
 
@@ -62,8 +56,7 @@ class WatchedServer:
     def stop(self) -> None:
         assert self.process is not None
         self.stopped.set()
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        stop_process(self.process)
 
 
 @pytest.fixture
