@@ -101,6 +101,10 @@ def _train(args: argparse.Namespace) -> int:
         keep_last=args.keep_last,
         keep_every_steps=args.keep_every_steps,
         allow_changed_config=args.allow_changed_config,
+        nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
     )
     # A start that cannot work fails here, in a second, before Prefect starts (the flow checks
     # again, for runs started from deployments). Nothing is written either way.
@@ -240,6 +244,11 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
         help="resume with other recipe/seed/batch size/steps per epoch/lr than run.json records "
         "(recorded there as a new segment); refused otherwise",
     )  # fmt: skip
+    ranks = train.add_argument_group("ranks and machines (torchrun; see docs/scaling.md)")
+    ranks.add_argument("--nproc-per-node", type=positive_int, default=1, help="ranks here")
+    ranks.add_argument("--nnodes", type=positive_int, default=1, help="machines in the job")
+    ranks.add_argument("--node-rank", type=int, default=0, help="this machine, 0 = commits")
+    ranks.add_argument("--rdzv-endpoint", default=None, help="host:port of node 0 (nnodes > 1)")
     train.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
     train.set_defaults(handler=_train)
 

@@ -31,6 +31,7 @@ from tml_checkpointing.errors import PreemptedError
 from tml_checkpointing.locking import WriterLock
 from tml_checkpointing.preemption import PreemptionGuard
 from training.config import TrainConfig
+from training.launch import NodeLayout
 from training.loop import EpochResult, set_deterministic
 from training.session import close_session, get_session
 from training.start import check_run_start, record_run_start
@@ -69,6 +70,10 @@ def train(
     keep_last: int | None = None,
     keep_every_steps: int | None = None,
     allow_changed_config: bool = False,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
 ) -> TrainResult:
     """Train ``epochs`` epochs into ``save_dir``, resuming from its newest checkpoint.
 
@@ -83,6 +88,12 @@ def train(
     with other values of recipe, seed, batch_size, steps_per_epoch or lr (or fewer epochs) is
     refused (``RunConfigChangedError``, nothing written) unless ``allow_changed_config``, which
     records them as a new segment of the run. ``epochs`` may grow.
+
+    ``nproc_per_node`` > 1 or ``nnodes`` > 1: each epoch runs on that many ranks per machine
+    under ``torchrun`` (see :mod:`training.launch`). With several machines, the same flow runs
+    on each with its ``node_rank``, all meeting at ``rdzv_endpoint`` (``host:port`` on node 0);
+    node 0 holds the writer lock, records ``run.json``, commits (its rank 0), applies retention
+    and publishes the artifacts.
     """
     config = train_config(
         save_dir=save_dir,
@@ -99,15 +110,29 @@ def train(
         keep_last=keep_last,
         keep_every_steps=keep_every_steps,
         wait_for_evaluators=wait_for_evaluators,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
     )
+    layout = NodeLayout(node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+    layout.check(config)
     owner = f"train flow run {flow_run.get_name()} ({flow_run.get_id()})"
     try:
         # Everything that can refuse this start, before the first write (lock, run.json).
         check_run_start(config, allow_changed_config=allow_changed_config)
+        if layout.node_rank > 0:  # node 0's flow owns save_dir; this one lends its ranks
+            return run_training(
+                config,
+                epoch_retries=epoch_retries,
+                allow_changed_config=allow_changed_config,
+                layout=layout,
+            )
         # The run owns save_dir until it ends, evaluator wait included: a second run is refused.
         with WriterLock(save_dir, owner=owner, storage_options=storage_options):
             result = run_training(
-                config, epoch_retries=epoch_retries, allow_changed_config=allow_changed_config
+                config,
+                epoch_retries=epoch_retries,
+                allow_changed_config=allow_changed_config,
+                layout=layout,
             )
             if wait_for_evaluators:
                 _wait_for_evaluators(
@@ -120,7 +145,9 @@ def train(
 
 
 # Flow parameters that are not part of the run's TrainConfig.
-FLOW_ONLY_PARAMETERS = frozenset({"epoch_retries", "evaluator_timeout", "allow_changed_config"})
+FLOW_ONLY_PARAMETERS = frozenset(
+    {"epoch_retries", "evaluator_timeout", "allow_changed_config", "node_rank", "rdzv_endpoint"}
+)
 
 
 def train_config(*, wait_for_evaluators: list[str] | None = None, **fields: Any) -> TrainConfig:
@@ -160,14 +187,17 @@ def run_training(
     epoch_retries: int = DEFAULT_TASK_RETRIES,
     *,
     allow_changed_config: bool = False,
+    layout: NodeLayout | None = None,
 ) -> TrainResult:
     """The flow's body (a plain function of the config, called inside the flow run, with the
-    writer lock held)."""
+    writer lock held on node 0)."""
+    layout = layout or NodeLayout()
     logger = get_run_logger()
     set_deterministic()
     # Checked again under the lock: another start may have recorded the run meanwhile.
     start = check_run_start(config, allow_changed_config=allow_changed_config)
-    record_run_start(config, start)
+    if layout.node_rank == 0:
+        record_run_start(config, start)
     resumed_from = start.resumed_from
     logger.info(
         "Run %s: %s", config.save_dir, f"resuming from {resumed_from}" if resumed_from else "fresh"
@@ -180,7 +210,7 @@ def run_training(
             get_session(config).preemption = guard
             for epoch in range(config.epochs):
                 # A skipped epoch returns a "Skipped" state; .result() gives its data either way.
-                state = epoch_task(config, epoch, return_state=True)
+                state = epoch_task(config, epoch, layout, return_state=True)
                 results.append(state.result())
                 update_progress_artifact(progress, progress=100.0 * (epoch + 1) / config.epochs)
     except PreemptedError as preempted:

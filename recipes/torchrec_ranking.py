@@ -8,42 +8,53 @@ from a hidden ground-truth model fixed by the seed, with Zipf-distributed ids: a
 authors and topics account for most rows, as in real traffic (and as row-wise sharding and
 Adagrad are designed for).
 
-Optimizers, in one process: plain ``torch.optim.Adagrad`` for the embedding tables and
-``torch.optim.Adam`` for the dense part, each wrapped in TorchRec's ``KeyedOptimizerWrapper``
-and joined by a ``CombinedOptimizer`` (one object with ``state_dict``/``load_state_dict`` keyed
-by parameter name, so Snapshot checkpoints it as one entry). Plain Adagrad here is *dense*
-Adagrad: one accumulator per weight. The original's *row-wise* Adagrad (one accumulator per row)
-is a property of the sharded fbgemm kernel (``EmbOptimType.EXACT_ROWWISE_ADAGRAD``, fused into
-the backward pass); it comes with the distributed wrapping (``DistributedModelParallel``), whose
-``fused_optimizer`` is also a ``KeyedOptimizer`` and takes the place of the sparse wrapper here.
+Sharding: the model is always wrapped in TorchRec's ``DistributedModelParallel`` (DMP), as the
+original's is: the tables are split by rows over the ranks of the default process group (or
+placed whole, ``plan="table"``), the dense part is data-parallel, and the tables are trained by
+TorchRec's fused row-wise Adagrad (one accumulator per row, applied inside the backward pass,
+``EXACT_ROWWISE_ADAGRAD``); the dense part by Adam. Both are joined in one
+``CombinedOptimizer`` keyed by parameter name, so a checkpoint of ``{"model", "optimizer"}``
+means the same thing for any number of ranks: a checkpoint saved by N ranks restores with M.
+One process with no process group gets a private one-rank group (:func:`ensure_process_group`),
+so the evaluator and ``tml train`` without ``--nproc-per-node`` run the very same model.
+
+Initial weights do not depend on the world size either: each table is drawn whole from a
+generator seeded by (seed, table) and every rank keeps its rows of it.
 
 Batches: ``batch_size`` is the per-rank batch (TorchRec's convention). Batch ``index`` of
 ``epoch`` on ``rank`` of ``world_size`` holds the examples at positions
 ``[(index * world_size + rank) * batch_size, ... + batch_size)`` of the epoch's permutation of a
 fixed example pool: a pure function of (seed, epoch, index, rank, world_size), and one global
-step with N ranks consumes exactly the examples of N consecutive one-rank steps. In one process
-``rank=0, world_size=1``. Ids travel as padded tensors (``ids/<feature>``,
-``lengths/<feature>``) so that a batch stays a mapping of tensors that slices row-wise; the model
-builds the ``KeyedJaggedTensor`` in ``forward``.
-
-Ranks: ``build`` is rank 0 of 1. The multi-rank step gives ``RecipeParams`` ``rank: int = 0`` and
-``world_size: int = 1`` (defaults: other recipes and one-process runs unchanged) and ``build``
-passes them to ``build_recipe``, which then wraps the model in ``DistributedModelParallel``
-(fused row-wise Adagrad in backward) and combines its ``fused_optimizer`` with the dense Adam.
+step with N ranks consumes exactly the examples of N consecutive one-rank steps. Ids travel as
+padded tensors (``ids/<feature>``, ``lengths/<feature>``) so that a batch stays a mapping of
+tensors that slices row-wise; the model builds the ``KeyedJaggedTensor`` in ``forward``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.sharding_plan import (
+    construct_module_sharding_plan,
+    row_wise,
+    table_wise,
+)
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from .base import Batch, Recipe, RecipeParams
 from .data import partition_salt, seeded_generator, sliced_batches
+from .process_group import ensure_process_group
 from .ranking import HEADS, evaluate_heads
 
 EMBEDDINGS = "embeddings"  # module name of the EmbeddingBagCollection in the model
@@ -74,7 +85,8 @@ class TorchRecRankingSizes:
     hidden: tuple[int, ...] = (128, 64)
     train_examples: int = 8192
     zipf_exponent: float = 1.1  # P(k-th most popular id) ~ 1 / k**s
-    embedding_lr: float = 0.05  # Adagrad; the dense part's Adam uses RecipeParams.lr
+    embedding_lr: float = 0.05  # row-wise Adagrad; the dense part's Adam uses RecipeParams.lr
+    plan: Literal["row", "table"] = "row"  # tables split by rows over all ranks, or whole
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -164,59 +176,110 @@ def synthetic_engagements(
     return data
 
 
-def build_optimizer(
-    model: TorchRecRankingModel, dense_lr: float, embedding_lr: float
-) -> CombinedOptimizer:
-    """Adagrad for the tables, Adam for the rest, as one keyed optimizer.
+def shard(
+    model: TorchRecRankingModel, sizes: TorchRecRankingSizes, seed: int
+) -> DistributedModelParallel:
+    """``model`` wrapped for the default process group, tables trained by fused row-wise Adagrad.
 
-    The state is initialised eagerly (``init_state``: one step with zero gradients, which moves
-    no weight but starts the step counters at 1) because a ``KeyedOptimizer`` only loads a
-    checkpoint into existing state; without it a fresh process could not restore.
-    Hyperparameters are saved with the state, as a plain torch optimizer's are.
+    ``model`` is built on the meta device (no table memory); each rank materialises its rows
+    and fills them from the whole-table draw, so weights do not depend on the world size.
     """
-    named = dict(model.named_parameters())
-    sparse = {k: v for k, v in named.items() if k.startswith(f"{EMBEDDINGS}.")}
-    dense = {k: v for k, v in named.items() if k not in sparse}
-    parts: list[tuple[str, KeyedOptimizerWrapper]] = [
-        (
-            "sparse",
-            KeyedOptimizerWrapper(sparse, lambda p: torch.optim.Adagrad(p, lr=embedding_lr)),
-        ),
-        ("dense", KeyedOptimizerWrapper(dense, lambda p: torch.optim.Adam(p, lr=dense_lr))),
-    ]
-    for _, part in parts:
-        part.save_param_groups(True)
-    optimizer = CombinedOptimizer(parts)
-    optimizer.init_state()
-    model.zero_grad(set_to_none=True)
-    return optimizer
+    world_size = dist.get_world_size()
+    apply_optimizer_in_backward(
+        RowWiseAdagrad, model.embeddings.parameters(), {"lr": sizes.embedding_lr}
+    )
+    sharder = EmbeddingBagCollectionSharder()
+    plan = construct_module_sharding_plan(
+        model.embeddings,
+        {
+            f"t_{feature.name}": row_wise()
+            if sizes.plan == "row"
+            else table_wise(rank=index % world_size)
+            for index, feature in enumerate(sizes.features)
+        },
+        sharder=sharder,
+        local_size=world_size,
+        world_size=world_size,
+        device_type="cpu",
+    )
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        device=torch.device("cpu"),
+        plan=ShardingPlan({EMBEDDINGS: plan}),
+        sharders=[sharder],
+    )
+    _fill_tables(dmp, sizes, seed)
+    return dmp
 
 
-def build_recipe(
-    params: RecipeParams,
-    sizes: TorchRecRankingSizes | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Recipe:
-    """The recipe for one rank of ``world_size`` (one process: rank 0 of 1)."""
+def _fill_tables(dmp: DistributedModelParallel, sizes: TorchRecRankingSizes, seed: int) -> None:
+    """Each table drawn whole (N(0, 1/dim), seeded by table), each rank keeping its rows."""
+    state = dmp.state_dict()
+    with torch.no_grad():
+        for index, feature in enumerate(sizes.features):
+            table = state[f"{EMBEDDINGS}.embedding_bags.t_{feature.name}.weight"]
+            draw = seeded_generator(seed, 3, index)
+            full = torch.randn(feature.num_ids, sizes.embedding_dim, generator=draw)
+            full /= sizes.embedding_dim**0.5
+            for piece in table.local_shards():
+                rows, cols = piece.metadata.shard_offsets
+                height, width = piece.tensor.shape
+                piece.tensor.copy_(full[rows : rows + height, cols : cols + width])
+
+
+def build_optimizer(dmp: DistributedModelParallel, dense_lr: float) -> CombinedOptimizer:
+    """The tables' fused row-wise Adagrad and Adam for the rest, as one keyed optimizer.
+
+    Adam's state is initialised eagerly (``init_state``: one step with zero gradients, which
+    moves no weight but starts the step counters at 1) because a ``KeyedOptimizer`` only loads
+    a checkpoint into existing state; without it a fresh process could not restore. The fused
+    optimizer's state exists from construction. Hyperparameters are saved with the state, as a
+    plain torch optimizer's are.
+    """
+    dense_parameters = {
+        name: parameter
+        for name, parameter in dmp.named_parameters()
+        if not name.startswith(f"{EMBEDDINGS}.")
+    }
+    dense = KeyedOptimizerWrapper(dense_parameters, lambda p: torch.optim.Adam(p, lr=dense_lr))
+    dense.save_param_groups(True)
+    dense.init_state()
+    dmp.zero_grad(set_to_none=True)
+    sparse = dmp.fused_optimizer
+    sparse.save_param_groups(True)  # CombinedOptimizer wants every part to agree
+    return CombinedOptimizer([("sparse", sparse), ("dense", dense)])
+
+
+def train_batches(
+    params: RecipeParams, sizes: TorchRecRankingSizes, rank: int, world_size: int
+) -> Callable[[int, int], Batch]:
+    """``train_batch(epoch, index)`` of ``rank`` of ``world_size`` (see the module docstring)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    sizes = sizes or TorchRecRankingSizes()
-    torch.manual_seed(params.seed)  # same initial weights on every rank
-    model = TorchRecRankingModel(sizes)
-    optimizer = build_optimizer(model, dense_lr=params.lr, embedding_lr=sizes.embedding_lr)
     pool = sizes.train_examples
     train = synthetic_engagements(sizes, params.seed, pool)
-    loss_fn = nn.BCEWithLogitsLoss()
-
-    def loss(module: nn.Module, batch: Batch) -> torch.Tensor:
-        return loss_fn(module(batch), batch["labels"])
 
     def train_batch(epoch: int, index: int) -> Batch:
         order = torch.randperm(pool, generator=seeded_generator(params.seed, 2, epoch))
         start = (index * world_size + rank) * params.batch_size
         rows = order[(torch.arange(params.batch_size) + start) % pool]
         return {key: value[rows] for key, value in train.items()}
+
+    return train_batch
+
+
+def build_recipe(params: RecipeParams, sizes: TorchRecRankingSizes | None = None) -> Recipe:
+    """The recipe for this process's rank of the default process group (one-rank if none)."""
+    sizes = sizes or TorchRecRankingSizes()
+    rank, world_size = ensure_process_group()
+    torch.manual_seed(params.seed)  # same dense weights on every rank, in every run
+    model = shard(TorchRecRankingModel(sizes, device=torch.device("meta")), sizes, params.seed)
+    optimizer = build_optimizer(model, dense_lr=params.lr)
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def loss(module: nn.Module, batch: Batch) -> torch.Tensor:
+        return loss_fn(module(batch), batch["labels"])
 
     def eval_batches(partition: str, steps: int) -> Iterator[Batch]:
         data = synthetic_engagements(
@@ -228,12 +291,12 @@ def build_recipe(
         model=model,
         optimizer=optimizer,
         loss=loss,
-        train_batch=train_batch,
+        train_batch=train_batches(params, sizes, rank, world_size),
         eval_batches=eval_batches,
         evaluate=evaluate_heads,
     )
 
 
 def build(params: RecipeParams) -> Recipe:
-    """The TorchRec recipe (``recipes.torchrec_ranking:build``), default sizes, one process."""
+    """The TorchRec recipe (``recipes.torchrec_ranking:build``), default sizes."""
     return build_recipe(params)

@@ -1,7 +1,9 @@
 """Prefect task for one training epoch: a thin wrapper over :func:`training.loop.train_epoch`.
 
 Parameters are the run's config and the epoch number; the model lives in the process
-(:mod:`training.session`). The result is the epoch's committed checkpoint path and metrics.
+(:mod:`training.session`), or, with several ranks, in the ``torchrun`` job the task launches
+for the epoch (:mod:`training.launch`; ``layout`` says where this machine sits in it). The
+result is the epoch's committed checkpoint path and metrics.
 Completed epochs come back as a COMPLETED state named "Skipped", so the Prefect UI shows
 what a resumed run did not redo instead of leaving it out.
 """
@@ -17,7 +19,8 @@ from prefect.states import Completed
 
 from training.config import TrainConfig
 from training.failures import retry_cannot_help
-from training.loop import EpochResult, train_epoch
+from training.launch import NodeLayout, train_epoch_on_ranks
+from training.loop import EpochResult, claim_injected_failure, train_epoch
 from training.session import get_session
 
 DEFAULT_TASK_RETRIES = 2
@@ -33,9 +36,21 @@ DEFAULT_TASK_RETRIES = 2
     cache_policy=NO_CACHE,
     retry_condition_fn=lambda task, task_run, state: _retryable(state),
 )
-def train_epoch_task(config: TrainConfig, epoch: int) -> Any:
+def train_epoch_task(config: TrainConfig, epoch: int, layout: NodeLayout | None = None) -> Any:
     logger = get_run_logger()
-    result: EpochResult = train_epoch(get_session(config), epoch, log=logger.info)
+    session = get_session(config)
+    if config.world_size == 1:
+        result: EpochResult = train_epoch(session, epoch, log=logger.info)
+    else:
+        result = train_epoch_on_ranks(
+            config,
+            epoch,
+            layout or NodeLayout(),
+            config_from_step=session.config_from_step,
+            inject_failure=claim_injected_failure(config, epoch),
+            preemption=session.preemption,
+            log=logger.info,
+        )
     if result.status == "skipped":
         return Completed(
             name="Skipped",

@@ -14,6 +14,7 @@ from recipes.torchrec_ranking import (
     SparseFeature,
     TorchRecRankingSizes,
     build_recipe,
+    train_batches,
 )
 from training.config import TrainConfig
 
@@ -34,12 +35,13 @@ def test_recipe_builds_and_training_lowers_the_loss() -> None:
     tables = [n for n in names if n.startswith("embeddings.")]
     assert len(tables) == 5 and any("t_user" in n for n in tables)
     assert any("t_author" in n for n in tables)
-    # One optimizer object over every parameter: Adagrad for the tables, Adam for the rest.
-    covered = {id(p) for g in recipe.optimizer.param_groups for p in g["params"]}
-    assert covered == {id(p) for p in names.values()}
-    adagrad = [g for g in recipe.optimizer.param_groups if "lr_decay" in g]
+    # One keyed optimizer over every parameter: fused row-wise Adagrad (one accumulator per
+    # row) for the tables, Adam for the rest.
+    state = recipe.optimizer.state_dict()["state"]
+    assert sorted(state) == sorted(f"sparse.{n}" if n in tables else f"dense.{n}" for n in names)
+    user = state["sparse.embeddings.embedding_bags.t_user.weight"]["t_user.momentum1"]
+    assert user.shape == (2000,)  # one per row of the 2000-row table
     adam = [g for g in recipe.optimizer.param_groups if "betas" in g]
-    assert {id(p) for g in adagrad for p in g["params"]} == {id(names[n]) for n in tables}
     assert adam and adam[0]["lr"] == PARAMS.lr
 
     def mean_loss(first: int) -> float:
@@ -70,11 +72,12 @@ def test_batches_are_pure_functions_of_seed_epoch_index_rank_world_size() -> Non
     assert not _equal(one.train_batch(1, 5), other_seed.train_batch(1, 5))
     # Two ranks at step i see what one rank sees at steps 2i and 2i+1: a global step with N
     # ranks consumes the examples of N consecutive one-rank steps, none twice, none skipped.
-    ranks = [build_recipe(PARAMS, rank=r, world_size=2) for r in range(2)]
-    for rank, recipe in enumerate(ranks):
-        assert _equal(recipe.train_batch(1, 3), one.train_batch(1, 2 * 3 + rank))
+    sizes = TorchRecRankingSizes()
+    for rank in range(2):
+        batch = train_batches(PARAMS, sizes, rank=rank, world_size=2)
+        assert _equal(batch(1, 3), one.train_batch(1, 2 * 3 + rank))
     with pytest.raises(ValueError, match="rank"):
-        build_recipe(PARAMS, rank=2, world_size=2)
+        train_batches(PARAMS, sizes, rank=2, world_size=2)
 
 
 def test_ids_are_skewed_like_real_traffic() -> None:
@@ -108,9 +111,12 @@ def test_plain_training_resumes_bit_identically(tmp_path: Path) -> None:
     assert results[2].resumed_from_step == 8
     expected = checkpoint_tensors(reference.save_dir)
     assert_bit_identical(checkpoint_tensors(resumed.save_dir), expected)
-    # Every table and its Adagrad state are in the checkpoint, and training moved them.
+    # Every table and its row-wise Adagrad state are in the checkpoint, and training moved them.
     for table in ("user", "author", "topic", "language", "country"):
         weight = f"0/model/embeddings.embedding_bags.t_{table}.weight"
-        accumulator = f"0/optimizer/state/sparse.embeddings.embedding_bags.t_{table}.weight/sum"
+        accumulator = (
+            f"0/optimizer/state/sparse.embeddings.embedding_bags.t_{table}.weight/"
+            f"t_{table}.momentum1"
+        )
         assert weight in expected and accumulator in expected
         assert expected[accumulator].abs().sum() > 0

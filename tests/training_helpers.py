@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torchsnapshot.manifest import ShardedTensorEntry
 
 from tml_checkpointing import Snapshot
 from training.config import TrainConfig
@@ -21,15 +22,33 @@ def plain_run(config: TrainConfig, epochs: range | None = None) -> list[EpochRes
 
 
 def checkpoint_tensors(save_dir: str, step: int | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (model, optimizer, RNG), by logical path."""
+    """Every tensor of a checkpoint (model, optimizer, RNG), by ranked path.
+
+    A table sharded over ranks (TorchRec) is read whole, from every rank's shards, under the
+    path of the lowest rank that holds a shard of it: the result does not depend on how many
+    ranks saved it or how it was split.
+    """
     snapshot = Snapshot.get_torch_snapshot(save_dir, global_step=step)
     assert snapshot is not None, f"no checkpoint in {save_dir}"
     manifest = snapshot.get_manifest()
-    return {
+    tensors = {
         path: snapshot.read_object(path)
         for path, entry in manifest.items()
         if getattr(entry, "type", "") == "Tensor"
     }
+    sharded: dict[str, tuple[str, list[int]]] = {}  # logical path -> (lowest ranked path, shape)
+    for path, entry in sorted(manifest.items(), key=lambda item: int(item[0].split("/")[0])):
+        if not isinstance(entry, ShardedTensorEntry):
+            continue
+        ranked, shape = sharded.setdefault(path.split("/", 1)[1], (path, []))
+        for piece in entry.shards:
+            ends = [o + n for o, n in zip(piece.offsets, piece.sizes, strict=True)]
+            shape[:] = [max(pair) for pair in zip(shape or ends, ends, strict=True)]
+    for ranked, shape in sharded.values():
+        full = torch.empty(shape)
+        snapshot.read_object(ranked, obj_out=full)
+        tensors[ranked] = full
+    return tensors
 
 
 def assert_bit_identical(

@@ -35,6 +35,10 @@ class TrainConfig(BaseModel):
     keep_until_evaluated: tuple[str, ...] = Field(
         default=(), description="retention: keep checkpoints until these partitions evaluated them"
     )
+    nproc_per_node: int = Field(
+        default=1, ge=1, description="ranks per machine (>1: each epoch runs under torchrun)"
+    )
+    nnodes: int = Field(default=1, ge=1, description="machines taking part in every epoch")
     fail_at_step: int | None = Field(
         default=None, ge=1, description="inject one failure when this step is reached (tests)"
     )
@@ -49,6 +53,11 @@ class TrainConfig(BaseModel):
                 "warm-starting from it"
             )
         return self
+
+    @property
+    def world_size(self) -> int:
+        """Ranks that train together: each step consumes ``world_size * batch_size`` examples."""
+        return self.nproc_per_node * self.nnodes
 
     @property
     def final_step(self) -> int:

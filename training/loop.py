@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from tml_checkpointing import (
     CheckpointWriteError,
+    PreemptionGuard,
     RetentionPolicy,
     join_url,
     prune,
@@ -27,6 +28,8 @@ from tml_checkpointing import (
     step_from_checkpoint,
 )
 
+from .collective import any_rank, is_primary
+from .config import TrainConfig
 from .session import TrainingSession
 
 logger = logging.getLogger(__name__)
@@ -110,9 +113,10 @@ def train_epoch(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            if session.preemption is not None and session.preemption.requested:
+            guard = session.preemption
+            if any_rank(guard is not None and guard.requested):  # every rank stops here
                 account_walltime()
-                save_final_checkpoint(snapshot, step, session.preemption)  # raises
+                save_final_checkpoint(snapshot, step, guard or PreemptionGuard())  # raises
             every = config.checkpoint_every_steps
             if step < last and (step == step_last or (every and step % every == 0)):
                 account_walltime()
@@ -121,7 +125,8 @@ def train_epoch(
         account_walltime()
         snapshot.save(last)
         snapshot.wait()
-        _apply_retention(session)
+        if is_primary():
+            _apply_retention(session)
     except BaseException:
         _drain_pending_save(session)
         raise
@@ -170,6 +175,17 @@ def _maybe_inject_failure(session: TrainingSession, step: int) -> None:
     if session.config.fail_at_step == step and key not in _injected_failures:
         _injected_failures.add(key)
         raise InjectedFailure(f"injected failure at step {step} (fail_at_step)")
+
+
+def claim_injected_failure(config: TrainConfig, epoch: int) -> bool:
+    """Whether ``fail_at_step`` should fire in ``epoch`` (launched on ranks): once per run and
+    launching process, like :func:`_maybe_inject_failure` in one process, so the retry passes."""
+    step = config.fail_at_step
+    first, last = config.epoch_steps(epoch)
+    if step is None or not first <= step <= last or (config.save_dir, step) in _injected_failures:
+        return False
+    _injected_failures.add((config.save_dir, step))
+    return True
 
 
 def _drain_pending_save(session: TrainingSession) -> None:

@@ -34,7 +34,7 @@ from .config import TrainConfig
 RUN_INFO_NAME = RUN_INFO  # kept for importers; the name itself lives in tml_checkpointing.layout
 
 # Parameters that change what a run computes: a resume may not change them silently.
-TRAJECTORY_FIELDS = ("recipe", "seed", "batch_size", "steps_per_epoch", "lr")
+TRAJECTORY_FIELDS = ("recipe", "seed", "batch_size", "steps_per_epoch", "lr", "world_size")
 
 
 class RunInfoMissingError(CheckpointError, FileNotFoundError):
@@ -67,6 +67,7 @@ class RunSegment(BaseModel):
     batch_size: int
     steps_per_epoch: int
     lr: float
+    world_size: int = Field(default=1, ge=1, description="ranks; records from before: 1")
     initial_checkpoint: str | None = None
     changed: list[str] = Field(default_factory=list, description="what differs from before")
     recorded_at: str = ""
@@ -82,6 +83,7 @@ class RunSegment(BaseModel):
             batch_size=config.batch_size,
             steps_per_epoch=config.steps_per_epoch,
             lr=config.lr,
+            world_size=config.world_size,
             initial_checkpoint=config.initial_checkpoint,
             changed=changed or [],
             recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -12,11 +12,14 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from typing import Any
 
 from torchsnapshot import RNGState
 
 from recipes.base import Recipe, load_recipe
+from recipes.process_group import is_distributed
 from tml_checkpointing import (
+    CheckpointError,
     CorruptCheckpointError,
     PreemptionGuard,
     Snapshot,
@@ -28,6 +31,7 @@ from tml_checkpointing import (
 from tml_checkpointing.shapes import check_checkpoint_fits
 from tml_checkpointing.snapshot import EXTRA_STATE
 
+from .collective import decided_by_rank0, is_primary
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -83,9 +87,14 @@ class TrainingSession:
         )
 
     def latest_checkpoint(self) -> str:
-        """The newest checkpoint that verifies (a corrupt newer one is skipped, loudly)."""
-        return get_latest_valid_checkpoint(
-            self.config.save_dir, storage_options=self.config.storage_options
+        """The newest checkpoint that verifies (a corrupt newer one is skipped, loudly).
+
+        With several ranks, rank 0 looks and every rank gets its answer (a collective call).
+        """
+        return decided_by_rank0(
+            lambda: get_latest_valid_checkpoint(
+                self.config.save_dir, storage_options=self.config.storage_options
+            )
         )
 
     def sync_with_storage(self, latest: str | None = None) -> int:
@@ -106,6 +115,14 @@ class TrainingSession:
             try:
                 self.snapshot.restore(latest)  # every byte hashed as it is read
             except CorruptCheckpointError as error:
+                if is_distributed():
+                    # The other ranks may have read their parts fine and be waiting in a
+                    # collective: the job fails (its collective timeout ends the wait) and the
+                    # retry decides afresh, without the checkpoint moved aside here.
+                    self.synced_step = None
+                    self.pristine = False
+                    _quarantine_quietly(latest, self.config.storage_options)
+                    raise
                 # Bytes were read and are wrong (a read *fault* would be CheckpointReadError
                 # and propagate): move it aside, fall back to the one before it. The state
                 # may be half-restored, so nothing in memory counts as synced any more.
@@ -139,6 +156,8 @@ class TrainingSession:
     def _move_aside_newer_than(self, step: int) -> None:
         """Committed checkpoints past the newest valid one are corrupt: training will write
         those steps again, so they are moved aside (never deleted) to make room."""
+        if not is_primary():
+            return
         options = self.config.storage_options
         for checkpoint in list_checkpoints(self.config.save_dir, options):
             if checkpoint.step > step:
@@ -146,6 +165,14 @@ class TrainingSession:
 
     def close(self) -> None:
         self.snapshot.close()
+
+
+def _quarantine_quietly(checkpoint: str, storage_options: dict[str, Any] | None) -> None:
+    """Move ``checkpoint`` aside unless another rank already did (or is doing) it."""
+    try:
+        quarantine_checkpoint(checkpoint, storage_options=storage_options)
+    except (FileNotFoundError, CheckpointError) as error:
+        logger.warning("Could not move %s aside (another rank may have): %s", checkpoint, error)
 
 
 _sessions: dict[str, TrainingSession] = {}

@@ -1,0 +1,214 @@
+"""Train one epoch on several ranks: launch them with ``torchrun``, forward their logs, report.
+
+Why ``torchrun`` (``torch.distributed.run``) and not a home-made spawner: it is what users run
+on GPUs and clusters already, it sets the rank environment, hosts the rendezvous between
+machines, and stops every local rank as soon as one fails (``--max-restarts 0``: retrying is
+Prefect's job, one epoch at a time, from the last committed checkpoint).
+
+One machine (``nnodes == 1``): a standalone rendezvous on a free loopback port. Several
+machines: each runs the same flow with its ``node_rank``; all meet at ``rdzv_endpoint``
+(``host:port`` on node 0, where global rank 0 -- the committing rank -- runs). Every node
+launches every epoch, even one that is already committed: the ranks decide together (rank 0
+looks, all follow) and finish at once, so no node waits at a rendezvous the others skipped.
+
+The ``torchrun`` process dies with its launcher (``PR_SET_PDEATHSIG`` = SIGTERM, which it
+passes on to the ranks), and a preemption signal the launcher receives is forwarded the same
+way: the ranks checkpoint the step in progress together and exit 128 + signum.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tml_checkpointing import get_latest_valid_checkpoint, join_url, step_from_checkpoint
+from tml_checkpointing.errors import CheckpointError, PreemptedError
+from tml_checkpointing.preemption import PreemptionGuard
+
+from .config import TrainConfig
+from .loop import EpochResult
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+POLL_SECONDS = 0.2
+
+
+class RankJobFailedError(CheckpointError, RuntimeError):
+    """The ranks of an epoch did not all finish (one crashed, was killed, or timed out).
+
+    Retryable: the retry relaunches every rank from the newest committed checkpoint.
+    """
+
+
+class NodeLayout(BaseModel):
+    """Where this machine's ranks sit in the job (not part of the run's identity)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    node_rank: int = Field(default=0, ge=0, description="this machine's index, 0 = commits")
+    rdzv_endpoint: str | None = Field(
+        default=None, description="host:port of node 0's rendezvous (needed with nnodes > 1)"
+    )
+
+    def check(self, config: TrainConfig) -> None:
+        """Raise ``ValueError`` for a layout that cannot form ``config``'s job."""
+        if config.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes={config.nnodes} needs rdzv_endpoint (host:port reachable from every "
+                "machine, on node 0): every node must meet at the same rendezvous"
+            )
+        if self.node_rank >= config.nnodes:
+            raise ValueError(f"node_rank must be in [0, {config.nnodes}), got {self.node_rank}")
+        if self.rdzv_endpoint and not _is_host_port(self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint must look like host:port, got {self.rdzv_endpoint!r}")
+
+
+def torchrun_command(config: TrainConfig, layout: NodeLayout, rank_args: list[str]) -> list[str]:
+    """The ``torch.distributed.run`` command line for this node's ranks of one epoch."""
+    command = [sys.executable, "-m", "torch.distributed.run"]
+    command += ["--nproc-per-node", str(config.nproc_per_node), "--max-restarts", "0"]
+    if config.nnodes == 1:
+        command += ["--standalone"]
+    else:
+        assert layout.rdzv_endpoint is not None  # NodeLayout.check
+        host, port = layout.rdzv_endpoint.rsplit(":", 1)
+        command += ["--nnodes", str(config.nnodes), "--node-rank", str(layout.node_rank)]
+        command += ["--master-addr", host, "--master-port", port]
+    return [*command, "-m", "training.rank_epoch", *rank_args]
+
+
+def train_epoch_on_ranks(
+    config: TrainConfig,
+    epoch: int,
+    layout: NodeLayout,
+    *,
+    config_from_step: int = 1,
+    inject_failure: bool = True,
+    preemption: PreemptionGuard | None = None,
+    log: Callable[[str], object] = print,
+) -> EpochResult:
+    """Run ``epoch`` on this node's ranks; return the epoch's result once they all finished.
+
+    Raises :class:`RankJobFailedError` when any rank failed, and :class:`PreemptedError` when
+    ``preemption`` was requested meanwhile (the ranks saved the step in progress first).
+    ``inject_failure``: pass ``config.fail_at_step`` on (the caller injects it once per run).
+    """
+    layout.check(config)
+    if config.nnodes == 1:  # no other machine waits at a rendezvous: skip without launching
+        done = _already_committed(config, epoch)
+        if done is not None:
+            log(f"epoch {epoch}: skipped, checkpoint at step {done.resumed_from_step} covers it")
+            return done
+    job_config = config if inject_failure else config.model_copy(update={"fail_at_step": None})
+    with tempfile.TemporaryDirectory(prefix="tml-epoch-") as scratch:
+        config_file, result_file = Path(scratch, "config.json"), Path(scratch, "result.json")
+        config_file.write_text(job_config.model_dump_json())
+        rank_args = ["--config", str(config_file), "--epoch", str(epoch)]
+        rank_args += ["--config-from-step", str(config_from_step), "--result", str(result_file)]
+        command = torchrun_command(config, layout, rank_args)
+        log(f"epoch {epoch}: launching {config.nproc_per_node} rank(s) on node {layout.node_rank}")
+        returncode, forwarded = _run_forwarding(command, preemption, log)
+        if forwarded is not None:
+            raise PreemptedError(
+                f"training stopped by {forwarded.signal_name} during epoch {epoch}; the ranks "
+                f"checkpointed the step in progress (torchrun exited {returncode}). Resume from "
+                "get_latest_valid_checkpoint(save_dir).",
+                step=None,
+                signal_name=forwarded.signal_name or "preemption request",
+                exit_code=forwarded.exit_code,
+            )
+        if returncode != 0 or not result_file.exists():
+            raise RankJobFailedError(
+                f"epoch {epoch}: the ranks did not all finish (torchrun exited {returncode}); "
+                "their output is in the log above. A retry resumes every rank from the newest "
+                "committed checkpoint."
+            )
+        return EpochResult.model_validate_json(result_file.read_text())
+
+
+def _already_committed(config: TrainConfig, epoch: int) -> EpochResult | None:
+    """The "skipped" result when a checkpoint at or past ``epoch``'s end is committed."""
+    first, last = config.epoch_steps(epoch)
+    latest = get_latest_valid_checkpoint(config.save_dir, storage_options=config.storage_options)
+    latest_step = step_from_checkpoint(latest) if latest else 0
+    if latest_step < last:
+        return None
+    return EpochResult(
+        epoch=epoch,
+        status="skipped",
+        checkpoint=join_url(config.save_dir, str(last)),
+        first_step=first,
+        last_step=last,
+        resumed_from_step=latest_step,
+    )
+
+
+def _run_forwarding(
+    command: list[str], preemption: PreemptionGuard | None, log: Callable[[str], object]
+) -> tuple[int, PreemptionGuard | None]:
+    """Run ``command``, each output line to ``log``; SIGTERM it once ``preemption`` fires."""
+    job = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=_rank_environment(),
+        preexec_fn=_terminate_with_parent,  # prctl has no spawn-safe form
+    )
+    assert job.stdout is not None
+    stdout = job.stdout
+
+    def forward() -> None:
+        for line in stdout:
+            log(line.rstrip("\n"))
+
+    reader = threading.Thread(target=forward, name="rank-logs", daemon=True)
+    reader.start()
+    forwarded: PreemptionGuard | None = None
+    try:
+        while job.poll() is None:
+            if forwarded is None and preemption is not None and preemption.requested:
+                forwarded = preemption
+                log(f"{preemption.signal_name}: asking the ranks to checkpoint and stop")
+                job.send_signal(signal.SIGTERM)
+            reader.join(POLL_SECONDS)
+    finally:
+        if job.poll() is None:  # the launcher itself is failing: take the ranks with it
+            job.terminate()
+            job.wait()
+        reader.join()
+    return job.returncode, forwarded
+
+
+def _rank_environment() -> dict[str, str]:
+    """The ranks import this project's packages however the launcher did."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launching process dies, however."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
