@@ -292,6 +292,7 @@ _SLOW_MODULES = {
     "test_signals",
     "test_deployment",
     "test_distributed",
+    "test_ranks",
 }
 
 
