@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_flow_overhead.py --short 2 --long 12 --repeat 5
 	$(BIN)/python benchmarks/bench_verify.py --size-mb 1024 --repeat 5 --json \
 	  > benchmarks/results/verify.json
+	$(BIN)/python benchmarks/bench_torchrec.py --repeat 3 --json > benchmarks/results/torchrec.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

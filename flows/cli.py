@@ -82,6 +82,7 @@ def _console() -> Console:
 def _train(args: argparse.Namespace) -> int:
     _prepare_prefect_environment()
     from flows.train import FLOW_ONLY_PARAMETERS, train, train_config
+    from training.launch import NodeLayout
     from training.session import close_session
     from training.start import check_run_start
 
@@ -109,6 +110,7 @@ def _train(args: argparse.Namespace) -> int:
     # A start that cannot work fails here, in a second, before Prefect starts (the flow checks
     # again, for runs started from deployments). Nothing is written either way.
     config = train_config(**{k: v for k, v in params.items() if k not in FLOW_ONLY_PARAMETERS})
+    NodeLayout(node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint).check(config)
     try:
         check_run_start(config, allow_changed_config=args.allow_changed_config)
     except BaseException:
@@ -241,7 +243,8 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--keep-every-steps", type=positive_int, default=None, help="milestones")
     train.add_argument(
         "--allow-changed-config", action="store_true",
-        help="resume with other recipe/seed/batch size/steps per epoch/lr than run.json records "
+        help="resume with other recipe/seed/batch size/steps per epoch/lr/world size than "
+        "run.json records "
         "(recorded there as a new segment); refused otherwise",
     )  # fmt: skip
     ranks = train.add_argument_group("ranks and machines (torchrun; see docs/scaling.md)")

@@ -85,7 +85,8 @@ def train(
     evaluators have not finished are kept). On SIGTERM/SIGINT/SIGUSR1 the step in progress is
     checkpointed and the process exits with 128 + signum (the flow run ends Crashed).
     A run's parameters are recorded in ``<save_dir>/run.json`` at its first start; resuming
-    with other values of recipe, seed, batch_size, steps_per_epoch or lr (or fewer epochs) is
+    with other values of recipe, seed, batch_size, steps_per_epoch, lr or world size (ranks per
+    node times nodes), or fewer epochs, is
     refused (``RunConfigChangedError``, nothing written) unless ``allow_changed_config``, which
     records them as a new segment of the run. ``epochs`` may grow.
 

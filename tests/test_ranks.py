@@ -235,3 +235,35 @@ def test_two_launchers_on_loopback_train_and_resume_over_s3(
     assert resumed["epochs_skipped"] == [0, 1] and resumed["epochs_run"] == [2]
     assert other["final_step"] == 18
     verify_checkpoint(get_checkpoint(save_dir), level="full")
+
+
+def test_sigterm_is_forwarded_and_the_ranks_checkpoint_the_step_together(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    save_dir = str(tmp_path / "preempted")
+    slow = {"batch_size": 4096, "epochs": 2}  # steps long enough for the signal to land in one
+    process = subprocess.Popen(
+        tml_train(save_dir, "--nproc-per-node=2", **slow),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines: list[str] = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(r"\[rank 0\] INFO \S+: Restored \S+/6 ", line):  # epoch 1 is starting
+            process.send_signal(signal.SIGTERM)  # the launcher only, as a scheduler would
+            break
+    lines += process.stdout.readlines()
+    process.wait(timeout=RUN_TIMEOUT)
+    output = "".join(lines)
+    assert process.returncode == 128 + signal.SIGTERM, output[-5000:]
+    final = re.findall(
+        r"\[rank 0\] WARNING \S+: Preempted by SIGTERM: final checkpoint at step (\d+)", output
+    )
+    assert final, output[-4000:]
+    step = int(final[0])  # the step both ranks were at, saved together
+    assert 6 < step < 12 and get_checkpoint(save_dir) == f"{save_dir}/{step}", output[-3000:]
+    verify_checkpoint(get_checkpoint(save_dir), level="full")
+    assert not rank_processes(), "rank processes left behind"
+    summary = run(tml_train(save_dir, "--nproc-per-node=2", **slow), env)
+    assert summary["resumed_from"] == f"{save_dir}/{step}" and summary["final_step"] == 12

@@ -47,6 +47,10 @@ class RankJobFailedError(CheckpointError, RuntimeError):
     """
 
 
+class InvalidNodeLayoutError(CheckpointError, ValueError):
+    """Machine settings that cannot form the run's job (no rendezvous, node rank too high)."""
+
+
 class NodeLayout(BaseModel):
     """Where this machine's ranks sit in the job (not part of the run's identity)."""
 
@@ -58,16 +62,21 @@ class NodeLayout(BaseModel):
     )
 
     def check(self, config: TrainConfig) -> None:
-        """Raise ``ValueError`` for a layout that cannot form ``config``'s job."""
+        """Raise :class:`InvalidNodeLayoutError` for a layout that cannot form ``config``'s job."""
         if config.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(
+            raise InvalidNodeLayoutError(
                 f"nnodes={config.nnodes} needs rdzv_endpoint (host:port reachable from every "
                 "machine, on node 0): every node must meet at the same rendezvous"
             )
         if self.node_rank >= config.nnodes:
-            raise ValueError(f"node_rank must be in [0, {config.nnodes}), got {self.node_rank}")
+            raise InvalidNodeLayoutError(
+                f"node_rank must be in [0, {config.nnodes}) for nnodes={config.nnodes}, got "
+                f"{self.node_rank}"
+            )
         if self.rdzv_endpoint and not _is_host_port(self.rdzv_endpoint):
-            raise ValueError(f"rdzv_endpoint must look like host:port, got {self.rdzv_endpoint!r}")
+            raise InvalidNodeLayoutError(
+                f"rdzv_endpoint must look like host:port, got {self.rdzv_endpoint!r}"
+            )
 
 
 def torchrun_command(config: TrainConfig, layout: NodeLayout, rank_args: list[str]) -> list[str]:
@@ -117,9 +126,9 @@ def train_epoch_on_ranks(
         returncode, forwarded = _run_forwarding(command, preemption, log)
         if forwarded is not None:
             raise PreemptedError(
-                f"training stopped by {forwarded.signal_name} during epoch {epoch}; the ranks "
-                f"checkpointed the step in progress (torchrun exited {returncode}). Resume from "
-                "get_latest_valid_checkpoint(save_dir).",
+                f"training stopped by {forwarded.signal_name} during epoch {epoch}: forwarded to "
+                "the ranks, which save the step they are at before stopping (torchrun exited "
+                f"{returncode}). Resume from get_latest_valid_checkpoint(save_dir).",
                 step=None,
                 signal_name=forwarded.signal_name or "preemption request",
                 exit_code=forwarded.exit_code,

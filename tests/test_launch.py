@@ -1,0 +1,70 @@
+"""How a run's ranks are launched: the torchrun command line, refused layouts, failure injection.
+
+Quick (no process started): the real launches are in tests/test_ranks.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import main
+from training.config import TrainConfig
+from training.launch import InvalidNodeLayoutError, NodeLayout, torchrun_command
+from training.loop import claim_injected_failure
+
+RANK_ARGS = ["--epoch", "0"]
+
+
+def config(**fields: object) -> TrainConfig:
+    merged: dict[str, object] = {"save_dir": "/tmp/unused", "epochs": 2, "steps_per_epoch": 5}
+    return TrainConfig.model_validate({**merged, **fields})
+
+
+def test_one_machine_uses_a_standalone_rendezvous() -> None:
+    command = torchrun_command(config(nproc_per_node=4), NodeLayout(), RANK_ARGS)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert "--standalone" in command and "--nnodes" not in command
+    assert command[command.index("--nproc-per-node") + 1] == "4"
+    assert command[command.index("--max-restarts") + 1] == "0"  # retries are Prefect's
+    assert command[-4:] == ["-m", "training.rank_epoch", *RANK_ARGS]
+
+
+def test_several_machines_meet_at_node_zeros_endpoint() -> None:
+    layout = NodeLayout(node_rank=1, rdzv_endpoint="10.0.0.5:29500")
+    command = torchrun_command(config(nproc_per_node=2, nnodes=3), layout, RANK_ARGS)
+    assert "--standalone" not in command
+    flags = dict(zip(command[3::2], command[4::2], strict=False))
+    assert flags["--nnodes"] == "3" and flags["--node-rank"] == "1"
+    assert flags["--master-addr"] == "10.0.0.5" and flags["--master-port"] == "29500"
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (NodeLayout(), "needs rdzv_endpoint"),
+        (NodeLayout(node_rank=2, rdzv_endpoint="h:1"), "node_rank must be in [0, 2)"),
+        (NodeLayout(rdzv_endpoint="no-port"), "must look like host:port"),
+        (NodeLayout(rdzv_endpoint="h:99999"), "must look like host:port"),
+    ],
+)
+def test_layouts_that_cannot_form_the_job_are_refused(layout: NodeLayout, message: str) -> None:
+    with pytest.raises(
+        InvalidNodeLayoutError, match=message.replace("[", r"\[").replace(")", r"\)")
+    ):
+        layout.check(config(nnodes=2))
+
+
+def test_the_cli_refuses_a_bad_layout_before_anything_starts(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_dir = f"{tmp_path}/run"
+    code = main(["train", "--save-dir", save_dir, "--epochs", "1", "--nnodes", "2"])
+    assert code == 2
+    assert "needs rdzv_endpoint" in capsys.readouterr().err
+
+
+def test_an_injected_failure_fires_once_per_run_in_the_epoch_that_holds_it() -> None:
+    run = config(fail_at_step=7, save_dir="/tmp/unused-injection")
+    assert not claim_injected_failure(run, 0)  # steps 1-5
+    assert claim_injected_failure(run, 1)  # steps 6-10: the first launch injects it
+    assert not claim_injected_failure(run, 1)  # the retry runs clean
