@@ -227,13 +227,13 @@ def test_two_launchers_on_loopback_train_and_resume_over_s3(
         assert all(results), "a node failed (its output is in the assertion above)"
         return results
 
-    first, _ = both_nodes(epochs=2)
-    assert first["final_step"] == 12 and first["epochs_run"] == [0, 1]
+    first, _ = both_nodes(epochs=1)
+    assert first["final_step"] == 6 and first["epochs_run"] == [0]
     assert world_size_of(save_dir) == 2
-    resumed, other = both_nodes(epochs=3)
-    assert resumed["resumed_from"] == f"{save_dir}/12"
-    assert resumed["epochs_skipped"] == [0, 1] and resumed["epochs_run"] == [2]
-    assert other["final_step"] == 18
+    resumed, other = both_nodes(epochs=2)
+    assert resumed["resumed_from"] == f"{save_dir}/6"
+    assert resumed["epochs_skipped"] == [0] and resumed["epochs_run"] == [1]
+    assert other["final_step"] == 12
     verify_checkpoint(get_checkpoint(save_dir), level="full")
 
 
