@@ -5,6 +5,8 @@ Quick (no process started): the real launches are in tests/test_ranks.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows.cli import main
@@ -55,12 +57,15 @@ def test_layouts_that_cannot_form_the_job_are_refused(layout: NodeLayout, messag
 
 
 def test_the_cli_refuses_a_bad_layout_before_anything_starts(
-    tmp_path: object, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    save_dir = f"{tmp_path}/run"
-    code = main(["train", "--save-dir", save_dir, "--epochs", "1", "--nnodes", "2"])
+    # An API URL nothing listens on (port 9, discard): the refusal must come before Prefect is
+    # used at all, and no private Prefect server is started for it.
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    code = main(["train", "--save-dir", str(tmp_path / "run"), "--epochs", "1", "--nnodes", "2"])
     assert code == 2
     assert "needs rdzv_endpoint" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_an_injected_failure_fires_once_per_run_in_the_epoch_that_holds_it() -> None:
