@@ -255,13 +255,20 @@ def prefect_api(
 
 
 def _leftover_processes() -> list[str]:
-    """Processes started by this test session (they inherit its PREFECT_HOME) still alive."""
+    """Processes started by this test session (they inherit its PREFECT_HOME) still alive.
+
+    Not counted: multiprocessing's resource tracker of this very process (it unlinks leaked
+    shared memory when the process dies, and ends with it).
+    """
     import psutil
 
     me = os.getpid()
     found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
+    for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
         if process.info["pid"] == me:
+            continue
+        command = " ".join(process.info["cmdline"] or [])
+        if process.info["ppid"] == me and "multiprocessing.resource_tracker" in command:
             continue
         try:
             if process.environ().get("PREFECT_HOME") == _PREFECT_HOME:
@@ -273,6 +280,9 @@ def _leftover_processes() -> list[str]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Tests never leave processes running (servers, workers, orphaned uvicorns)."""
+    from tml_checkpointing.writer_process import close_shared_writer
+
+    close_shared_writer()  # this process's checkpoint writer: ours to stop, not a leak
     deadline = time.monotonic() + 15
     leftovers = _leftover_processes()
     while leftovers and time.monotonic() < deadline:

@@ -31,7 +31,7 @@ from tml_checkpointing import (
     verify_checkpoint,
     write_checkpoint_metrics,
 )
-from tml_checkpointing.storage_plugin import FsspecStoragePlugin
+from tml_checkpointing.events import SAVE_DATA_WRITTEN, Event, subscribe, unsubscribe
 
 # -- the plan, property-tested -----------------------------------------------------------------
 
@@ -168,19 +168,18 @@ def test_prune_refuses_a_checkpoint_as_save_dir(tmp_path: Path) -> None:
     assert verify_checkpoint(str(tmp_path / "1")).ok
 
 
-def test_async_save_in_flight_and_prune(save_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_async_save_in_flight_and_prune(save_dir: str) -> None:
     """The checkpoint being written is never pruned, nor is the newest valid one."""
     fill(save_dir, [1, 2])
     data_written = threading.Event()
     release = threading.Event()
-    original_commit = FsspecStoragePlugin._commit
 
-    def gated_commit(self: FsspecStoragePlugin, metadata: bytes) -> None:
-        data_written.set()  # every data file is stored; the marker is not
-        assert release.wait(60)
-        original_commit(self, metadata)
+    def gate(event: Event) -> None:
+        if event.name == SAVE_DATA_WRITTEN:  # every data file is stored; the marker is not
+            data_written.set()
+            assert release.wait(60)  # the writer (thread or process) waits here
 
-    monkeypatch.setattr(FsspecStoragePlugin, "_commit", gated_commit)
+    subscribe(gate)
     snapshot = Snapshot(save_dir, make_state())
     pending = snapshot.save(3)
     assert data_written.wait(60)
@@ -190,6 +189,7 @@ def test_async_save_in_flight_and_prune(save_dir: str, monkeypatch: pytest.Monke
     assert [c.step for c in result.plan.keep] == [2, 3]  # 3 kept as incomplete
     release.set()
     assert pending.wait().endswith("/3")
+    unsubscribe(gate)
     assert verify_checkpoint(pending.path, level="full").status == "valid"
     prune(save_dir, RetentionPolicy(keep_last=1))
     assert steps_in(save_dir) == [3]

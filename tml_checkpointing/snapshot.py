@@ -9,13 +9,15 @@ brings state, ``step`` and ``walltime`` back. The format is torchsnapshot's, so 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torchsnapshot
 from torch.nn.parallel import DistributedDataParallel
 from torchsnapshot import RNGState, StateDict
@@ -41,19 +43,63 @@ from .integrity import VERIFY_LEVELS, VerifyLevel, verify_checkpoint
 from .layout import step_name
 from .locking import assert_holding
 from .shapes import check_restore_shapes
+from .staging import SavePlan, StagingArea, flatten_state, plan_key, plan_save
 from .storage_plugin import VERIFY_READS_OPTION, transport_url
 from .torchsnapshot_compat import KeyFilteredSnapshot, in_process_barrier_store
+from .writer_process import WriterSave, shared_writer
 
 logger = logging.getLogger(__name__)
 
 EXTRA_STATE = "extra_state"
+WriterChoice = Literal["auto", "process", "torchsnapshot"]
+WRITER_CHOICES: tuple[WriterChoice, ...] = ("auto", "process", "torchsnapshot")
+# Filesystems a separate process reaches with the same URL and options (memory:// is
+# per process; schemes registered at runtime, like the tests' faulty://, are not known there).
+_SHARED_PROTOCOLS = frozenset({"file", "local", "s3", "s3a", "gs", "gcs", "abfs", "az"})
+
+
+def _writer_process_reaches(fs: Any, storage_options: StorageOptions) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not _SHARED_PROTOCOLS & set(protocols):
+        return False
+    try:
+        json.dumps(dict(storage_options))
+    except (TypeError, ValueError):
+        return False  # options that cannot be sent to another process (client objects, ...)
+    return True
+
+
+class _Staging:
+    """The Snapshot's staging block: planned for one state layout, replaced when it changes."""
+
+    def __init__(self) -> None:
+        self.area: StagingArea | None = None
+
+    def fits(self, leaves: Mapping[str, Any]) -> bool:
+        return self.area is not None and self.area.plan.key == plan_key(leaves)
+
+    def replan(self, plan: SavePlan) -> None:
+        self.release()
+        self.area = StagingArea(plan, on_free=_forget_block)
+
+    def release(self) -> None:
+        area, self.area = self.area, None
+        if area is not None:
+            area.close()
+
+
+def _forget_block(name: str) -> None:
+    shared_writer().forget(name)
 
 
 class PendingSave:
     """Handle on a checkpoint being written in the background."""
 
     def __init__(
-        self, path: str, global_step: int, pending: torchsnapshot.snapshot.PendingSnapshot
+        self,
+        path: str,
+        global_step: int,
+        pending: torchsnapshot.snapshot.PendingSnapshot | WriterSave,
     ) -> None:
         self.path = path
         self.global_step = global_step
@@ -102,6 +148,16 @@ class Snapshot:
             (``s3://bucket/run``, ``memory://run``, ``gs://...``).
         state: ``{name: stateful}``; may also be given later through :attr:`state`.
         storage_options: passed to the fsspec filesystem (e.g. s3fs ``endpoint_url``).
+        writer: ``"auto"`` (default) writes through the writer process when the state allows
+            it (one process; CPU tensors; local disk or an object store such as S3), else
+            through torchsnapshot; ``"process"`` requires the writer process;
+            ``"torchsnapshot"`` always uses torchsnapshot's writer thread.
+
+    The writer process (:mod:`tml_checkpointing.writer_process`): ``save()`` copies the
+    tensors into a shared-memory staging block allocated once (re-planned when shapes
+    change) and returns; a separate process hashes and writes the block as one large
+    sequential file and commits, so training keeps its cores and its GIL. Same format, same
+    commit protocol, same sidecar. ``close()`` frees the staging block.
 
     ``state`` gains the entry ``extra_state`` holding ``step`` and ``walltime``; the caller's
     dict is not modified.
@@ -113,10 +169,16 @@ class Snapshot:
         state: Mapping[str, Any] | None = None,
         *,
         storage_options: StorageOptions | None = None,
+        writer: WriterChoice = "auto",
     ) -> None:
-        resolve(save_dir, storage_options)  # an unknown protocol fails here, not at first save
+        fs, _ = resolve(save_dir, storage_options)  # an unknown protocol fails here, not later
+        if writer not in WRITER_CHOICES:
+            raise SnapshotStateError(f"writer must be one of {WRITER_CHOICES}, got {writer!r}")
         self.save_dir = save_dir
         self.storage_options: StorageOptions = dict(storage_options or {})
+        self.writer: WriterChoice = writer
+        self._writer_reachable = _writer_process_reaches(fs, self.storage_options)
+        self._staging = _Staging()  # its block is freed by close(), or with the last reference
         self._extra_state = StateDict(step=0, walltime=0.0)
         self._state: dict[str, Any] = {EXTRA_STATE: self._extra_state}
         self._pending: PendingSave | None = None
@@ -214,11 +276,30 @@ class Snapshot:
                 f"saving step {global_step} to {path} failed, nothing was committed: {error}"
             ) from error
         self.step = global_step
+        started = time.monotonic()
+        try:
+            through_writer = self._stage_for_writer(path)
+        except SnapshotStateError:
+            raise  # writer="process" for a state it cannot take: the caller's choice to fix
+        except Exception as error:
+            events.emit(events.SAVE_FAILED, path=path, step=global_step, error=repr(error))
+            raise CheckpointWriteError(
+                f"saving step {global_step} to {path} failed, nothing was committed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if through_writer is not None:
+            logger.info(
+                "Saving step %s to %s (staged for the writer process in %.3fs).",
+                global_step,
+                path,
+                time.monotonic() - started,
+            )
+            self._pending = PendingSave(path, global_step, through_writer)
+            return self._pending
         app_state = {
             key: value if _must_pass_through(value) else _ConsistentStateful(value)
             for key, value in self._state.items()
         }
-        started = time.monotonic()
         try:
             with in_process_barrier_store():
                 pending = torchsnapshot.Snapshot.async_take(
@@ -250,8 +331,41 @@ class Snapshot:
         return pending.wait()
 
     def close(self) -> None:
-        """Wait for pending saves (and surface their errors)."""
-        self.wait()
+        """Wait for pending saves (and surface their errors); free the staging block."""
+        try:
+            self.wait()
+        finally:
+            self._staging.release()
+
+    def _stage_for_writer(self, path: str) -> WriterSave | None:
+        """Stage the state and hand it to the writer process, or ``None``: use torchsnapshot."""
+        if self.writer == "torchsnapshot":
+            return None
+        why_not = self._why_not_writer_process()
+        containers, leaves = flatten_state(self._state) if not why_not else ({}, {})
+        if not why_not and not self._staging.fits(leaves):
+            plan = plan_save(leaves)
+            if plan is None:
+                why_not = "the state holds sharded, distributed or non-CPU tensors"
+            else:
+                self._staging.replan(plan)
+        if why_not:
+            if self.writer == "process":
+                raise SnapshotStateError(f"writer='process' cannot save this state: {why_not}")
+            return None
+        area = self._staging.area
+        assert area is not None
+        staged = area.stage(containers, leaves)
+        writer = shared_writer()
+        writer.start()
+        return writer.submit(path, self.save_dir, self.storage_options, area, staged)
+
+    def _why_not_writer_process(self) -> str:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return "several ranks save collectively through torchsnapshot"
+        if not self._writer_reachable:
+            return "the writer process cannot reach this storage (memory:// or a custom scheme)"
+        return ""
 
     def __enter__(self) -> Snapshot:
         return self

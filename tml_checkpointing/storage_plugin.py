@@ -39,6 +39,7 @@ import asyncio
 import io
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -93,6 +94,9 @@ class FsspecStoragePlugin(StoragePlugin):
         self._sidecar: Sidecar | None = None
         self._sidecar_loaded = False
         self._sidecar_lock = threading.Lock()
+        # Last check before the marker; the writer process replaces it with the training
+        # process's answer (it holds the lock, this process does not).
+        self.before_marker: Callable[[], None] = self._assert_lock_held
 
     def _full_path(self, relative: str) -> str:
         return f"{self.root}/{relative.lstrip('/')}"
@@ -153,7 +157,7 @@ class FsspecStoragePlugin(StoragePlugin):
         events.emit(events.SAVE_SIDECAR_WRITTEN, path=self.url)
         for part in parts:  # merged into the sidecar: not left beside it
             self.fs.rm_file(part)
-        assert_holding(self.fs.unstrip_protocol(os.path.dirname(self.root)))  # lost: no commit
+        self.before_marker()  # the run lost its writer lock: no commit
         replace_file(self.fs, self._full_path(COMMIT_MARKER), metadata)
         if self._local:
             # Make the new directory entries durable, deepest first, up to save_dir.
@@ -162,6 +166,9 @@ class FsspecStoragePlugin(StoragePlugin):
             fsync_directory(os.path.dirname(self.root) or ".")
         self._remove_claim()
         events.emit(events.SAVE_COMMITTED, path=self.url)
+
+    def _assert_lock_held(self) -> None:
+        assert_holding(self.fs.unstrip_protocol(os.path.dirname(self.root)))
 
     def _merge_rank_parts(self, metadata: bytes) -> list[str]:
         """Take the other ranks' sidecar records into this (rank 0's) sidecar; their paths.
