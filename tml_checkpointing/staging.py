@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,6 @@ from torchsnapshot.manifest import Entry, ObjectEntry, SnapshotMetadata, TensorE
 from torchsnapshot.serialization import BUFFER_PROTOCOL_SUPPORTED_DTYPES, dtype_to_string
 
 ALIGNMENT = 4096  # every tensor starts on a page: direct I/O and page-sized reads stay aligned
-DATA_FILE = "batched/tensors-rank-{rank}"
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,9 @@ class StagingArea:
     ) -> StagedSave:
         """Copy the tensors in (the caller may change them as soon as this returns) and
         describe everything else; ``containers`` and ``leaves`` come from :func:`flatten_state`."""
-        data_file = DATA_FILE.format(rank=rank)
+        # A fresh name per attempt, as torchsnapshot names its batched files: a writer of an
+        # earlier, killed attempt at the same step can never write into this attempt's file.
+        data_file = f"batched/{uuid.uuid4()}"
         manifest: dict[str, Entry] = dict(containers)
         objects: dict[str, bytes] = {}
         for path, value in leaves.items():
