@@ -545,6 +545,8 @@ class Case:
     build: Callable[[], State]
     work: Path
     rows: dict[str, Row] = field(default_factory=dict)
+    # 1-minute load average when each phase ended: on a shared machine, the context of a number.
+    load: dict[str, float] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -631,7 +633,7 @@ def measure_writers(case: Case, writers: list[Writer], args: argparse.Namespace,
         if not writer.asynchronous:
             continue
         row = case.row(writer)
-        window = min(1.0, max(0.3, statistics.median(row.commit) / 2))
+        window = min(0.75, max(0.3, statistics.median(row.commit) / 2))
         for _ in range(args.repeat):
             drain = drained(writer, trainer, window)
             row.drain.append(drain.slowdown)
@@ -648,8 +650,7 @@ def measure_writers(case: Case, writers: list[Writer], args: argparse.Namespace,
             writer.snapshot = None
             with MemorySampler() as sampler:
                 timed_save(writer)
-                timed_save(writer)
-            row.note = "peak RAM over a fresh Snapshot's first two saves"
+            row.note = "peak RAM: a fresh Snapshot's first save"
         else:
             with MemorySampler() as sampler:
                 timed_save(writer)
@@ -853,6 +854,7 @@ def report(cases: list[Case], args: argparse.Namespace, was_cold: bool) -> dict[
             "tensors": case.tensors,
             "rows": rows,
             "ratios": ratios(case),
+            "load_avg_1min": case.load,
         }
     return out
 
@@ -969,10 +971,10 @@ def draw_chart(data: dict[str, Any], path: str) -> None:
     restores = [i for i, name in enumerate(sorted(bars, key=order)) if order(name)[0]]
     if restores:
         top.axvline(restores[0] - 0.5, color="grey", linestyle="--", linewidth=0.8)
-        top.text(restores[0] - 0.4, 0.97, "restores", transform=top.get_xaxis_transform(),
-                 va="top", fontsize=9, color="grey")  # fmt: skip
-        top.text(-0.4, 0.97, "saves, until durable", transform=top.get_xaxis_transform(),
-                 va="top", fontsize=9, color="grey")  # fmt: skip
+        top.text(restores[0] - 0.4, 1.01, "restores", transform=top.get_xaxis_transform(),
+                 va="bottom", fontsize=9, color="grey")  # fmt: skip
+        top.text(-0.4, 1.01, "saves, until durable", transform=top.get_xaxis_transform(),
+                 va="bottom", fontsize=9, color="grey")  # fmt: skip
     bottom.axhline(1.0, color="black", linewidth=0.8)
     cache = "cold" if data["cold_cache_restores"] else "warm"
     fig.suptitle(
@@ -1030,6 +1032,7 @@ def main() -> None:
         ),
     ]
     trainer = Trainer()
+    clean_idle = trainer.idle(1.0)
     was_cold = True
     started = time.perf_counter()
     try:
@@ -1044,9 +1047,11 @@ def main() -> None:
             writers += [Tml(case.state, case.work, w) for w in tml_writers()]
             per_case[case.name] = writers
             measure_writers(case, writers, args, trainer, log)
+            case.load["saves"] = round(os.getloadavg()[0], 2)
             for writer in writers:
                 writer.close()
             was_cold = measure_restores(case, writers, args, log) and was_cold
+            case.load["restores"] = round(os.getloadavg()[0], 2)
             for writer in writers:
                 if writer.kept is not None:
                     remove(writer.kept)
@@ -1058,6 +1063,7 @@ def main() -> None:
                     for kind in (AsyncCheckpointerType.THREAD, AsyncCheckpointerType.PROCESS)
                 ]
                 measure_writers(case, dcp_writers, args, trainer, log)
+                case.load["dcp_async"] = round(os.getloadavg()[0], 2)
                 for writer in dcp_writers:
                     if writer.kept is not None:
                         remove(writer.kept)
@@ -1066,6 +1072,7 @@ def main() -> None:
     log(f"done in {time.perf_counter() - started:.0f}s")
     data = report(cases, args, was_cold)
     data["wall_s"] = round(time.perf_counter() - started, 1)
+    data["idle_step_ms_at_start"] = round(clean_idle * 1e3, 3)
     if args.chart:
         draw_chart(data, args.chart)
         log(f"chart: {args.chart}")

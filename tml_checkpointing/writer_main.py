@@ -28,6 +28,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import sys
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, TextIO
@@ -109,6 +110,10 @@ def _save(
 
 
 def main() -> int:
+    # SIGINT/SIGTERM are ignored from the start (set by the parent before exec, see
+    # writer_process._ignore_stop_signals); again here for a writer started by hand.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The channel gets the real stdout; anything a library prints goes to stderr instead.
     channel = _Channel(sys.stdin, os.fdopen(os.dup(1), "w"))
     os.dup2(2, 1)

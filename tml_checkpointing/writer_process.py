@@ -21,6 +21,7 @@ import atexit
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -179,8 +180,18 @@ class WriterProcess:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
+                preexec_fn=_ignore_stop_signals,  # from its first instruction on
             )
         return self._process
+
+
+def _ignore_stop_signals() -> None:
+    """In the child before exec (ignored signals stay ignored across exec): Ctrl-C and
+    ``kill -- -PGID`` reach the whole group, and the training process answers them by saving
+    the step in progress through this writer, which must outlive them. It still ends with the
+    training process (its pipes close) and with SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _pipes(process: subprocess.Popen[str]) -> tuple[IO[str], IO[str]]:

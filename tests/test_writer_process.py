@@ -1,0 +1,188 @@
+"""The writer process: same bytes as torchsnapshot's path, staging reused, and crash safety.
+
+Kills land at moments the save reports (its events, relayed from the writer), never on a clock:
+the writer killed mid-save, the training process killed while its writer waits. Killing both
+(the whole process group) at every moment is tests/test_crash.py, which now runs through the
+writer process for local and S3 save_dirs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torchsnapshot
+from torchsnapshot import RNGState
+
+from tml_checkpointing import (
+    CheckpointWriteError,
+    Snapshot,
+    SnapshotStateError,
+    get_checkpoints,
+    step_from_checkpoint,
+    verify_checkpoint,
+)
+from tml_checkpointing.discovery import is_committed
+from tml_checkpointing.events import SAVE_DATA_WRITTEN, Event, subscribe, unsubscribe
+from tml_checkpointing.writer_process import shared_writer
+
+from .training_helpers import checkpoint_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_state(seed: int = 0) -> dict[str, object]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(8, 64)).sum().backward()
+    optimizer.step()
+    return {"model": model, "optimizer": optimizer, "rng": RNGState()}
+
+
+def test_same_tensors_as_the_torchsnapshot_path_and_plain_torchsnapshot_reads_it(
+    tmp_path: Path,
+) -> None:
+    state = make_state()
+    Snapshot(str(tmp_path / "thread"), state, writer="torchsnapshot").save(5).wait()
+    Snapshot(str(tmp_path / "process"), state, writer="process").save(5).wait()
+    ours = checkpoint_tensors(str(tmp_path / "process"))
+    theirs = checkpoint_tensors(str(tmp_path / "thread"))
+    assert ours.keys() == theirs.keys() and "0/rng/rng_state" in ours
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # RNG state included
+    assert verify_checkpoint(str(tmp_path / "process" / "5"), level="full").status == "valid"
+    fresh = make_state(seed=7)
+    torchsnapshot.Snapshot(str(tmp_path / "process" / "5")).restore(
+        {"model": fresh["model"], "optimizer": fresh["optimizer"]}  # type: ignore[dict-item]
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            fresh["model"].state_dict().values(),  # type: ignore[attr-defined]
+            state["model"].state_dict().values(),  # type: ignore[attr-defined]
+            strict=True,
+        )
+    )
+
+
+def test_staging_is_allocated_once_replanned_on_new_shapes_and_freed_by_close(
+    tmp_path: Path,
+) -> None:
+    state = make_state()
+    snapshot = Snapshot(str(tmp_path / "run"), state, writer="process")
+    snapshot.save(1).wait()
+    area = snapshot._staging.area
+    assert area is not None
+    first = area.name
+    for step in (2, 3, 4):
+        snapshot.save(step).wait()
+        assert snapshot._staging.area is area  # the same block, refilled with copy_
+    assert Path("/dev/shm", first).exists()
+    state["extra"] = torchsnapshot.StateDict(table=torch.zeros(10, 4))
+    snapshot.state = state
+    snapshot.save(5).wait()
+    replanned = snapshot._staging.area
+    assert replanned is not None and replanned.name != first
+    assert not Path("/dev/shm", first).exists()  # the old block is gone
+    snapshot.close()
+    assert not Path("/dev/shm", replanned.name).exists()
+    steps = [step_from_checkpoint(path) for path in get_checkpoints(str(tmp_path / "run"))]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_state_the_writer_cannot_take_is_refused_when_asked_for() -> None:
+    snapshot = Snapshot("memory://writer-refused", make_state(), writer="process")
+    with pytest.raises(SnapshotStateError, match=r"cannot save this state.*memory://"):
+        snapshot.save(1)
+
+
+def test_the_writer_killed_mid_save_commits_nothing_and_the_next_save_works(
+    tmp_path: Path,
+) -> None:
+    snapshot = Snapshot(str(tmp_path / "run"), make_state(), writer="process")
+    killed: list[int] = []
+
+    def kill_writer(event: Event) -> None:  # runs while the writer waits for our answer
+        if event.name == SAVE_DATA_WRITTEN and not killed:
+            process = shared_writer()._process
+            assert process is not None
+            process.kill()
+            process.wait()
+            killed.append(process.pid)
+
+    subscribe(kill_writer)
+    try:
+        with pytest.raises(CheckpointWriteError, match=r"writer process (died|is gone)"):
+            snapshot.save(1).wait()
+    finally:
+        unsubscribe(kill_writer)
+    assert killed and not is_committed(str(tmp_path / "run" / "1"))
+    assert snapshot.save(1).wait().endswith("/1")  # a new writer, the same step again
+    assert shared_writer()._process is not None and shared_writer()._process.pid != killed[0]
+    assert verify_checkpoint(str(tmp_path / "run" / "1"), level="full").status == "valid"
+
+
+SAVER = """
+import os, sys, threading, torch
+from tml_checkpointing import Snapshot
+from tml_checkpointing.events import SAVE_DATA_WRITTEN, subscribe
+from tml_checkpointing.writer_process import shared_writer
+
+def pause(event):
+    if event.name == SAVE_DATA_WRITTEN:
+        print("paused", shared_writer()._process.pid, flush=True)
+        threading.Event().wait()  # the writer waits for our answer; we get killed here
+
+subscribe(pause)
+model = torch.nn.Linear(256, 256)
+Snapshot(sys.argv[1], {"model": model}, writer="process").save(1).wait()
+"""
+
+
+def test_the_training_process_killed_while_its_writer_runs_leaves_no_writer_behind(
+    tmp_path: Path,
+) -> None:
+    save_dir = tmp_path / "run"
+    victim = subprocess.Popen(
+        [sys.executable, "-c", SAVER, str(save_dir)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )  # fmt: skip
+    assert victim.stdout is not None
+    line = victim.stdout.readline()
+    assert line.startswith("paused "), line
+    writer = psutil.Process(int(line.split()[1]))
+    os.kill(victim.pid, signal.SIGKILL)  # the training process only, not its group
+    victim.wait(timeout=30)
+    writer.wait(timeout=30)  # its pipes closed: it stops instead of committing
+    assert not is_committed(str(save_dir / "1"))
+    assert get_checkpoints(str(save_dir)) == []
+
+
+def test_concurrent_snapshots_share_one_writer(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            snapshot = Snapshot(str(tmp_path / name), make_state(), writer="process")
+            for step in range(1, 4):
+                snapshot.save(step).wait()
+            snapshot.close()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(f"run{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    for i in range(3):
+        assert len(get_checkpoints(str(tmp_path / f"run{i}"))) == 3
