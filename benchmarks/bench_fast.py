@@ -932,7 +932,7 @@ def draw_chart(data: dict[str, Any], path: str) -> None:
             top,
             bars,
             "GB/s (log)",
-            "Throughput until durable (saves) and restores: higher is better",
+            "Throughput: saves until durable, then restores (after the dashed line)",
         ),
         (
             bottom,
@@ -971,10 +971,6 @@ def draw_chart(data: dict[str, Any], path: str) -> None:
     restores = [i for i, name in enumerate(sorted(bars, key=order)) if order(name)[0]]
     if restores:
         top.axvline(restores[0] - 0.5, color="grey", linestyle="--", linewidth=0.8)
-        top.text(restores[0] - 0.4, 1.01, "restores", transform=top.get_xaxis_transform(),
-                 va="bottom", fontsize=9, color="grey")  # fmt: skip
-        top.text(-0.4, 1.01, "saves, until durable", transform=top.get_xaxis_transform(),
-                 va="bottom", fontsize=9, color="grey")  # fmt: skip
     bottom.axhline(1.0, color="black", linewidth=0.8)
     cache = "cold" if data["cold_cache_restores"] else "warm"
     fig.suptitle(
