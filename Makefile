@@ -11,7 +11,7 @@ TORCH_SPEC := torch==2.13.0
 # fbgemm-gpu-cpu in place of fbgemm-gpu, are the `torchrec` extra in pyproject.toml.
 TORCHREC_SPEC := torchrec==1.8.0
 
-.PHONY: setup demo test quick lint typecheck bench clean
+.PHONY: setup demo test quick lint typecheck bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_verify.py --size-mb 1024 --repeat 5 --json \
 	  > benchmarks/results/verify.json
 	$(BIN)/python benchmarks/bench_torchrec.py --repeat 3 --json > benchmarks/results/torchrec.json
+	$(BIN)/python benchmarks/bench_fast.py --json --chart docs/performance.png \
+	  > benchmarks/results/fast.json
+
+# ~2 minutes: the writer-process benchmark on a small state (the edit-measure loop).
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/bench_fast.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -278,7 +278,7 @@ class Snapshot:
         self.step = global_step
         started = time.monotonic()
         try:
-            through_writer = self._stage_for_writer(path)
+            pending, how = self._start_writing(path)
         except SnapshotStateError:
             raise  # writer="process" for a state it cannot take: the caller's choice to fix
         except Exception as error:
@@ -287,37 +287,35 @@ class Snapshot:
                 f"saving step {global_step} to {path} failed, nothing was committed: "
                 f"{type(error).__name__}: {error}"
             ) from error
+        logger.info(
+            "Saving step %s to %s (%s in %.3fs).",
+            global_step,
+            path,
+            how,
+            time.monotonic() - started,
+        )
+        self._pending = PendingSave(path, global_step, pending)
+        return self._pending
+
+    def _start_writing(
+        self, path: str
+    ) -> tuple[torchsnapshot.snapshot.PendingSnapshot | WriterSave, str]:
+        """Stage the state and start writing it: through the writer process if it can take
+        it, else through torchsnapshot's writer thread."""
+        through_writer = self._stage_for_writer(path)
         if through_writer is not None:
-            logger.info(
-                "Saving step %s to %s (staged for the writer process in %.3fs).",
-                global_step,
-                path,
-                time.monotonic() - started,
-            )
-            self._pending = PendingSave(path, global_step, through_writer)
-            return self._pending
+            return through_writer, "staged for the writer process"
         app_state = {
             key: value if _must_pass_through(value) else _ConsistentStateful(value)
             for key, value in self._state.items()
         }
-        try:
-            with in_process_barrier_store():
-                pending = torchsnapshot.Snapshot.async_take(
-                    path=transport_url(path),
-                    app_state=app_state,
-                    storage_options=self.storage_options,
-                )
-        except Exception as error:
-            events.emit(events.SAVE_FAILED, path=path, step=global_step, error=repr(error))
-            raise CheckpointWriteError(
-                f"saving step {global_step} to {path} failed, nothing was committed: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        logger.info(
-            "Saving step %s to %s (staged in %.3fs).", global_step, path, time.monotonic() - started
-        )
-        self._pending = PendingSave(path, global_step, pending)
-        return self._pending
+        with in_process_barrier_store():
+            pending = torchsnapshot.Snapshot.async_take(
+                path=transport_url(path),
+                app_state=app_state,
+                storage_options=self.storage_options,
+            )
+        return pending, "staged"
 
     def wait(self) -> str | None:
         """Wait for the save in flight, if any; return its path."""
