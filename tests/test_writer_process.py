@@ -31,6 +31,7 @@ from tml_checkpointing import (
 )
 from tml_checkpointing.discovery import is_committed
 from tml_checkpointing.events import SAVE_DATA_WRITTEN, Event, subscribe, unsubscribe
+from tml_checkpointing.staging import shared_memory_room
 from tml_checkpointing.writer_process import shared_writer
 
 from .training_helpers import checkpoint_tensors
@@ -133,6 +134,7 @@ SAVER = """
 import os, sys, threading, torch
 from tml_checkpointing import Snapshot
 from tml_checkpointing.events import SAVE_DATA_WRITTEN, subscribe
+from tml_checkpointing.staging import shared_memory_room
 from tml_checkpointing.writer_process import shared_writer
 
 def pause(event):
@@ -186,3 +188,16 @@ def test_concurrent_snapshots_share_one_writer(tmp_path: Path) -> None:
     assert errors == []
     for i in range(3):
         assert len(get_checkpoints(str(tmp_path / f"run{i}"))) == 3
+
+
+def test_a_full_dev_shm_falls_back_to_the_thread_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert shared_memory_room(1) and not shared_memory_room(10**18)
+    # A container's small /dev/shm: staging would die of SIGBUS, so it is not attempted.
+    monkeypatch.setattr("tml_checkpointing.snapshot.shared_memory_room", lambda needed: False)
+    snapshot = Snapshot(str(tmp_path / "run"), make_state())
+    assert snapshot.save(1).wait().endswith("/1")
+    assert snapshot._staging.area is None  # written by torchsnapshot's thread
+    with pytest.raises(SnapshotStateError, match="/dev/shm has no room"):
+        Snapshot(str(tmp_path / "run"), make_state(), writer="process").save(2)

@@ -43,7 +43,14 @@ from .integrity import VERIFY_LEVELS, VerifyLevel, verify_checkpoint
 from .layout import step_name
 from .locking import assert_holding
 from .shapes import check_restore_shapes
-from .staging import SavePlan, StagingArea, flatten_state, plan_key, plan_save
+from .staging import (
+    SavePlan,
+    StagingArea,
+    flatten_state,
+    plan_key,
+    plan_save,
+    shared_memory_room,
+)
 from .storage_plugin import VERIFY_READS_OPTION, transport_url
 from .torchsnapshot_compat import KeyFilteredSnapshot, in_process_barrier_store
 from .writer_process import WriterSave, shared_writer
@@ -345,6 +352,9 @@ class Snapshot:
             plan = plan_save(leaves)
             if plan is None:
                 why_not = "the state holds sharded, distributed or non-CPU tensors"
+            elif not shared_memory_room(plan.size):
+                why_not = f"/dev/shm has no room for a {plan.size / 2**20:.0f} MiB staging block"
+                logger.warning("Saving through torchsnapshot's writer thread: %s.", why_not)
             else:
                 self._staging.replan(plan)
         if why_not:

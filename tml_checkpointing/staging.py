@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
@@ -108,6 +109,21 @@ def plan_save(leaves: Mapping[str, Any]) -> SavePlan | None:
             return None
     key = tuple((s.path, str(s.dtype), s.shape) for s in slots)
     return SavePlan(slots=slots, size=max(offset, ALIGNMENT), key=key)
+
+
+def shared_memory_room(needed: int, directory: str = "/dev/shm") -> bool:
+    """Whether ``needed`` bytes fit in the shared-memory filesystem, with 10% to spare.
+
+    Why ask first: creating a segment larger than what is free succeeds (it is sparse), and
+    the process then dies of SIGBUS when a copy touches a page the filesystem cannot supply.
+    Containers often mount a small ``/dev/shm`` (Docker: 64 MB). No such directory (not
+    Linux): Python's shared memory has its own backing there, and it is assumed to fit.
+    """
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return True
+    return stats.f_bavail * stats.f_frsize >= needed * 1.1
 
 
 def plan_key(leaves: Mapping[str, Any]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
