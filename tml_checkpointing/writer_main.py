@@ -36,6 +36,8 @@ from typing import Any, TextIO
 from . import events
 from .storage_plugin import FsspecStoragePlugin
 
+WRITER_NICENESS = 5
+
 
 class AbortedByParentError(RuntimeError):
     """The training process refused to let this save commit (it lost its writer lock)."""
@@ -114,6 +116,10 @@ def main() -> int:
     # writer_process._ignore_stop_signals); again here for a writer started by hand.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Background work, once started (imports at full priority): when cores are scarce,
+    # training steps come first. Mildly: at nice 10 a writer competing with a training loop
+    # that fills every core got ~10% of one and took many times longer to drain.
+    os.nice(WRITER_NICENESS)
     # The channel gets the real stdout; anything a library prints goes to stderr instead.
     channel = _Channel(sys.stdin, os.fdopen(os.dup(1), "w"))
     os.dup2(2, 1)

@@ -34,7 +34,6 @@ from .filesystem import StorageOptions
 from .locking import assert_holding
 from .staging import StagedSave, StagingArea
 
-WRITER_NICENESS = 10
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
@@ -193,9 +192,6 @@ def _ignore_stop_signals() -> None:
     training process (its pipes close) and with SIGKILL."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Background work: when cores are scarce, training steps come first, the checkpoint
-    # drains in the gaps (it is complete in memory already).
-    os.nice(WRITER_NICENESS)
 
 
 def _pipes(process: subprocess.Popen[str]) -> tuple[IO[str], IO[str]]:
