@@ -111,6 +111,17 @@ def _save(
     plugin._commit(command["metadata"].encode())
 
 
+def _errno(error: BaseException | None) -> int | None:
+    """The first ``errno`` in the error's cause/context chain, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main() -> int:
     # SIGINT/SIGTERM are ignored from the start (set by the parent before exec, see
     # writer_process._ignore_stop_signals); again here for a writer started by hand.
@@ -139,7 +150,10 @@ def main() -> int:
         try:
             _save(command, blocks, relay)
         except Exception as error:
-            channel.send({"ok": False, "error": f"{type(error).__name__}: {error}"})
+            # The errno travels too: "disk full" must stay recognisable (not retried).
+            channel.send(
+                {"ok": False, "error": f"{type(error).__name__}: {error}", "errno": _errno(error)}
+            )
         else:
             channel.send({"ok": True})
 

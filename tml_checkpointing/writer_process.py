@@ -133,6 +133,8 @@ class WriterProcess:
                     if refusal is not None:
                         raise refusal
                     if not reply["ok"]:
+                        if reply.get("errno") is not None:  # ENOSPC stays ENOSPC
+                            raise CheckpointWriteError(reply["errno"], reply["error"])
                         raise CheckpointWriteError(reply["error"])
                     return
             except OSError as error:
