@@ -201,3 +201,20 @@ def test_a_full_dev_shm_falls_back_to_the_thread_writer(
     assert snapshot._staging.area is None  # written by torchsnapshot's thread
     with pytest.raises(SnapshotStateError, match="/dev/shm has no room"):
         Snapshot(str(tmp_path / "run"), make_state(), writer="process").save(2)
+
+
+def test_a_staging_block_left_by_a_killed_process_is_swept(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    orphan = Path("/dev/shm", f"tml-staging-{dead.stdout.strip()}-0123456789ab")
+    orphan.write_bytes(b"x" * 4096)  # what a SIGKILLed training process leaves behind
+    mine = Path("/dev/shm", f"tml-staging-{os.getpid()}-ba9876543210")
+    mine.write_bytes(b"y")
+    try:
+        snapshot = Snapshot(str(tmp_path / "run"), make_state(), writer="process")
+        snapshot.save(1).wait()  # staging a new block sweeps the dead process's one
+        assert not orphan.exists() and mine.exists()  # a live process's block stays
+        snapshot.close()
+    finally:
+        mine.unlink()
+        orphan.unlink(missing_ok=True)

@@ -111,7 +111,44 @@ def plan_save(leaves: Mapping[str, Any]) -> SavePlan | None:
     return SavePlan(slots=slots, size=max(offset, ALIGNMENT), key=key)
 
 
-def shared_memory_room(needed: int, directory: str = "/dev/shm") -> bool:
+BLOCK_PREFIX = "tml-staging-"  # + owner pid + random: tml-staging-<pid>-<hex>
+SHM_DIR = "/dev/shm"
+
+
+def sweep_dead_blocks(directory: str = SHM_DIR) -> list[str]:
+    """Unlink staging blocks whose process is gone; return their names.
+
+    Why: a training process killed by SIGKILL (an OOM kill) cannot unlink its block, and its
+    resource tracker dies with its process group; the block (one copy of the state) would sit
+    in memory until reboot. The next staging on the machine removes it. A reused PID only
+    delays that (never removes a live process's block).
+    """
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(BLOCK_PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        owner = name[len(BLOCK_PREFIX) :].split("-", 1)[0]
+        if not owner.isdigit() or _alive(int(owner)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def shared_memory_room(needed: int, directory: str = SHM_DIR) -> bool:
     """Whether ``needed`` bytes fit in the shared-memory filesystem, with 10% to spare.
 
     Why ask first: creating a segment larger than what is free succeeds (it is sparse), and
@@ -146,7 +183,10 @@ class StagingArea:
 
     def __init__(self, plan: SavePlan, on_free: Callable[[str], None] | None = None) -> None:
         self.plan = plan
-        self.memory = shared_memory.SharedMemory(create=True, size=plan.size)
+        sweep_dead_blocks()
+        self.memory = shared_memory.SharedMemory(
+            name=f"{BLOCK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True, size=plan.size
+        )
         self._free = weakref.finalize(self, _free_block, self.memory, on_free)
         block = torch.frombuffer(self.memory.buf, dtype=torch.uint8, count=plan.size)
         self._slots = {slot.path: slot for slot in plan.slots}
