@@ -186,6 +186,9 @@ class Snapshot:
         self.writer: WriterChoice = writer
         self._writer_reachable = _writer_process_reaches(fs, self.storage_options)
         self._staging = _Staging()  # its block is freed by close(), or with the last reference
+        # Why this state cannot be staged (sharded, GPU, ...): found once, not on every save
+        # (finding out costs a state_dict() walk); cleared when the state is replaced.
+        self._unstageable = ""
         self._extra_state = StateDict(step=0, walltime=0.0)
         self._state: dict[str, Any] = {EXTRA_STATE: self._extra_state}
         self._pending: PendingSave | None = None
@@ -220,6 +223,7 @@ class Snapshot:
             self._extra_state.update(dict(state[EXTRA_STATE]))
         self._state = {k: v for k, v in state.items() if k != EXTRA_STATE}
         self._state[EXTRA_STATE] = self._extra_state
+        self._unstageable = ""
 
     @property
     def step(self) -> int:
@@ -352,6 +356,7 @@ class Snapshot:
             plan = plan_save(leaves)
             if plan is None:
                 why_not = "the state holds sharded, distributed or non-CPU tensors"
+                self._unstageable = why_not
             elif not shared_memory_room(plan.size):
                 why_not = f"/dev/shm has no room for a {plan.size / 2**20:.0f} MiB staging block"
                 logger.warning("Saving through torchsnapshot's writer thread: %s.", why_not)
@@ -369,6 +374,8 @@ class Snapshot:
         return writer.submit(path, self.save_dir, self.storage_options, area, staged)
 
     def _why_not_writer_process(self) -> str:
+        if self._unstageable:
+            return self._unstageable
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return "several ranks save collectively through torchsnapshot"
         if not self._writer_reachable:
