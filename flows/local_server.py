@@ -187,7 +187,16 @@ def start_unless_api_in_environment() -> LocalPrefectServer | None:
 
 
 def configured_api_url() -> str | None:
-    """The API URL Prefect would use (environment, profile, prefect.toml), if any."""
+    """The API URL Prefect would use (environment, profile, prefect.toml), if any.
+
+    The environment is read here, now: Prefect reads it once, when its settings context is
+    made, which in a process that imported Prefect earlier (a test session, a notebook calling
+    ``flows.cli.main``) was before the variable was set; trusting that stale context started
+    a private server next to the API the caller named.
+    """
+    from_environment = os.environ.get("PREFECT_API_URL")
+    if from_environment:
+        return from_environment
     from prefect.settings import PREFECT_API_URL
 
     return PREFECT_API_URL.value() or None

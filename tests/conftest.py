@@ -254,6 +254,24 @@ def prefect_api(
         yield prefect_server
 
 
+_TEST_WINDOWS: list[tuple[float, float, str]] = []  # (start, end, node id) of each test run
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    started = time.time()
+    yield
+    _TEST_WINDOWS.append((started, time.time(), item.nodeid))
+
+
+def _started_during(created: float) -> str:
+    """The test that was running when a process was created (what left it behind)."""
+    for start, end, nodeid in _TEST_WINDOWS:
+        if start <= created <= end:
+            return nodeid
+    return "outside any test (a fixture's setup or teardown)"
+
+
 def _leftover_processes() -> list[str]:
     """Processes started by this test session (they inherit its PREFECT_HOME) still alive.
 
@@ -264,7 +282,7 @@ def _leftover_processes() -> list[str]:
 
     me = os.getpid()
     found = []
-    for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
+    for process in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
         if process.info["pid"] == me:
             continue
         command = " ".join(process.info["cmdline"] or [])
@@ -272,7 +290,10 @@ def _leftover_processes() -> list[str]:
             continue
         try:
             if process.environ().get("PREFECT_HOME") == _PREFECT_HOME:
-                found.append(f"{process.info['pid']}: {' '.join(process.info['cmdline'] or [])}")
+                found.append(
+                    f"{process.info['pid']} (parent {process.info['ppid']}, started during "
+                    f"{_started_during(process.info['create_time'])}): {command}"
+                )
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
@@ -289,7 +310,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         time.sleep(0.2)  # give terminated children a moment to be reaped
         leftovers = _leftover_processes()
     if leftovers:
-        print("\nERROR: processes left running by the tests:\n  " + "\n  ".join(leftovers))
+        print(
+            f"\nERROR: processes left running by the tests (this session is pid {os.getpid()}):"
+            + "".join(f"\n  {leftover}" for leftover in leftovers)
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flows.cli import main
@@ -60,12 +61,18 @@ def test_the_cli_refuses_a_bad_layout_before_anything_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An API URL nothing listens on (port 9, discard): the refusal must come before Prefect is
-    # used at all, and no private Prefect server is started for it.
+    # used at all, and no private Prefect server is started for it -- also in a process whose
+    # Prefect settings were read before the variable was set (a test session, a notebook).
+    from prefect.settings import PREFECT_API_URL
+
+    PREFECT_API_URL.value()  # Prefect's settings context exists, made without the variable
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     code = main(["train", "--save-dir", str(tmp_path / "run"), "--epochs", "1", "--nnodes", "2"])
     assert code == 2
     assert "needs rdzv_endpoint" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written
+    servers = [c for c in psutil.Process().children() if "local_server.py" in " ".join(c.cmdline())]
+    assert not servers, servers
 
 
 def test_an_injected_failure_fires_once_per_run_in_the_epoch_that_holds_it() -> None:
