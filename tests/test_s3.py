@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from tml_checkpointing import Snapshot, get_checkpoint, get_checkpoints
+from tml_checkpointing.layout import COMMIT_MARKER
 
 from .conftest import S3Server
 
@@ -18,6 +20,33 @@ def test_listing_many_checkpoints_takes_few_requests(s3_server: S3Server, s3_sav
     before = s3_server.request_count()
     assert len(get_checkpoints(s3_save_dir)) == 30
     assert s3_server.request_count() - before <= 3  # one listing, not one request per entry
+
+
+@pytest.mark.slow  # ~30 s: moto takes 4,000 PUTs to set up
+def test_the_latest_of_2000_checkpoints_is_found_in_a_few_requests(
+    s3_server: S3Server, s3_save_dir: str
+) -> None:
+    """Resuming asks for the newest checkpoint only: that costs a listing of the step names
+    and a marker or two, never a request (or a listing page) per file of every checkpoint."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    root = s3_save_dir.removeprefix("s3://")
+    objects = {}
+    for step in range(2000):
+        objects[f"{root}/{step}/{COMMIT_MARKER}"] = b"metadata"
+        objects[f"{root}/{step}/0/model/weight"] = b"\0" * 16
+    objects[f"{root}/2000/0/model/weight"] = b"\0" * 16  # a crash left the newest unmarked
+    fs.pipe(objects)
+
+    before = s3_server.request_count()
+    assert get_checkpoint(s3_save_dir) == f"{s3_save_dir}/1999"
+    requests = s3_server.request_count() - before
+    assert requests <= 10, f"{requests} requests to find the latest of 2,000 checkpoints"
+    # the whole list (every marker's state) is one recursive listing: a page per 1,000 keys
+    before = s3_server.request_count()
+    assert len(get_checkpoints(s3_save_dir)) == 2000
+    assert s3_server.request_count() - before <= 6
 
 
 def test_storage_options_reach_s3fs(s3_server: S3Server, s3_save_dir: str, monkeypatch) -> None:

@@ -146,6 +146,59 @@ def _scan_object_store(fs: AbstractFileSystem, root: str) -> dict[str, tuple[int
     }
 
 
+def latest_checkpoint(
+    save_dir: str, storage_options: StorageOptions | None = None
+) -> CheckpointPath | None:
+    """The newest committed checkpoint under ``save_dir``, or ``None``; cheap however many.
+
+    Resuming needs only the newest, not the state of every checkpoint: one listing of
+    ``save_dir``'s entries (on S3 a delimited listing, one request per 1,000 step names, not
+    per file), then the markers from the newest step down until one commits -- usually one
+    request (s3fs spends two more on a missing marker, as when a crash left the newest
+    uncommitted). Measured against moto, 2,000 checkpoints, the newest uncommitted: 6 requests
+    whatever their size, where a full :func:`scan_checkpoints` takes one per 1,000 files.
+    """
+    fs, root = resolve(save_dir, storage_options)
+    invalidate_listing(fs, root)
+    with reading(f"the checkpoints in {save_dir}"):
+        try:
+            entries = fs.ls(root, detail=True)
+        except FileNotFoundError:
+            return None
+        root = root.rstrip("/")
+        if any(e["type"] != "directory" and e["name"].rstrip("/") == root for e in entries):
+            raise NotACheckpointDirectoryError(
+                f"save_dir {root!r} is a file, not a directory of checkpoints"
+            )
+        steps: dict[int, str] = {}
+        for entry in entries:
+            step = parse_step(basename(entry["name"]))
+            if step is not None and entry["type"] == "directory":
+                steps[step] = entry["name"].rstrip("/")
+        for step in sorted(steps, reverse=True):
+            try:
+                committed = marker_commits(fs.size(f"{steps[step]}/{COMMIT_MARKER}"))
+            except (FileNotFoundError, NotADirectoryError):
+                committed = False
+            if committed:
+                return CheckpointPath(step=step, path=join_url(save_dir, basename(steps[step])))
+    return None
+
+
+def newest_first(
+    save_dir: str, storage_options: StorageOptions | None = None
+) -> Iterator[CheckpointPath]:
+    """Committed checkpoints, newest first: the newest cheaply (:func:`latest_checkpoint`),
+    the others from one full listing, made only if the caller asks for more than one."""
+    latest = latest_checkpoint(save_dir, storage_options)
+    if latest is None:
+        return
+    yield latest
+    for checkpoint in reversed(list_checkpoints(save_dir, storage_options)):
+        if checkpoint.step < latest.step:
+            yield checkpoint
+
+
 def non_canonical_entries(
     save_dir: str, storage_options: StorageOptions | None = None
 ) -> list[str]:
@@ -186,6 +239,10 @@ def get_checkpoint(
 
     When there is none: ``""`` if ``missing_ok``, else :class:`CheckpointNotFoundError`.
     """
+    if global_step is None:
+        latest = latest_checkpoint(save_dir, storage_options)
+        if latest is not None:
+            return latest.path
     checkpoints = list_checkpoints(save_dir, storage_options)
     if not checkpoints:
         if missing_ok:
@@ -195,7 +252,7 @@ def get_checkpoint(
             f"no committed checkpoint in {save_dir!r} (a checkpoint is a <step> directory "
             "holding .snapshot_metadata); pass missing_ok=True to start from scratch"
         )
-    if global_step is None:
+    if global_step is None:  # committed meanwhile
         return checkpoints[-1].path
     for checkpoint in checkpoints:
         if checkpoint.step == global_step:

@@ -30,7 +30,7 @@ import xxhash
 from fsspec import AbstractFileSystem
 from torchsnapshot.manifest import SnapshotMetadata
 
-from .discovery import list_checkpoints
+from .discovery import newest_first
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
 from .faults import reading
 from .filesystem import StorageOptions, find_tree, invalidate_listing, resolve
@@ -379,7 +379,7 @@ def get_latest_valid_checkpoint(
     """
     check_verify_level(verify)
     skipped: list[str] = []
-    for candidate in reversed(list_checkpoints(save_dir, storage_options)):
+    for candidate in newest_first(save_dir, storage_options):
         try:
             verify_checkpoint(candidate.path, level=verify, storage_options=storage_options)
         except CorruptCheckpointError as error:
