@@ -31,18 +31,21 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointReadError,
     CheckpointWriteError,
+    CorruptCheckpointError,
     InvalidStepError,
     SaveDirLockedError,
     SnapshotEntryNotFoundError,
     SnapshotStateError,
     StepTypeError,
 )
+from .fast_restore import can_verify, plan_restore, run_restore
 from .faults import reading
-from .filesystem import StorageOptions, join_url, resolve
-from .integrity import VERIFY_LEVELS, VerifyLevel, verify_checkpoint
-from .layout import step_name
+from .filesystem import StorageOptions, is_local, join_url, resolve
+from .integrity import VERIFY_LEVELS, VerifyLevel, read_sidecar, verify_checkpoint
+from .layout import INTEGRITY_SIDECAR, step_name
 from .locking import assert_holding
 from .shapes import check_restore_shapes
+from .sidecar import SidecarFormatError
 from .staging import (
     SavePlan,
     StagingArea,
@@ -460,11 +463,37 @@ class Snapshot:
         if EXTRA_STATE in wanted and EXTRA_STATE in saved_keys:
             app_state[EXTRA_STATE] = saved_extra
         check_restore_shapes(snapshot.metadata, app_state, checkpoint)  # before any byte lands
-        snapshot.restore(app_state)
+        if not self._restore_in_place(checkpoint, snapshot.metadata, app_state, verify):
+            snapshot.restore(app_state)
         if EXTRA_STATE in wanted:
             self.step = int(saved_extra.get("step", step_from_checkpoint(checkpoint)))
             self.walltime = float(saved_extra.get("walltime", 0.0))
         logger.info("Restored %s in %.3fs.", checkpoint, time.monotonic() - started)
+
+    def _restore_in_place(
+        self, checkpoint: str, metadata: Any, app_state: dict[str, Any], verify: VerifyLevel
+    ) -> bool:
+        """The fast path (:mod:`~tml_checkpointing.fast_restore`) when it applies."""
+        fs, directory = resolve(checkpoint, self.storage_options)
+        if not is_local(fs):
+            return False
+        plan = plan_restore(metadata, app_state)
+        if plan is None:
+            return False
+        sidecar = None
+        if verify == "full":
+            try:
+                sidecar = read_sidecar(fs, directory, checkpoint)
+            except SidecarFormatError as error:
+                raise CorruptCheckpointError(
+                    f"checkpoint {checkpoint} is corrupt: {INTEGRITY_SIDECAR}: {error}",
+                    checkpoint=checkpoint,
+                    path=INTEGRITY_SIDECAR,
+                ) from error
+        if not can_verify(plan, sidecar):
+            return False
+        run_restore(plan, app_state, fs, directory, sidecar, checkpoint)
+        return True
 
     # -- reading without a training state --------------------------------------------------
 
