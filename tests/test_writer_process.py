@@ -30,7 +30,14 @@ from tml_checkpointing import (
     verify_checkpoint,
 )
 from tml_checkpointing.discovery import is_committed
-from tml_checkpointing.events import SAVE_DATA_WRITTEN, Event, subscribe, unsubscribe
+from tml_checkpointing.events import (
+    SAVE_DATA_WRITTEN,
+    SAVE_SIDECAR_WRITTEN,
+    SAVE_STARTED,
+    Event,
+    subscribe,
+    unsubscribe,
+)
 from tml_checkpointing.staging import shared_memory_room
 from tml_checkpointing.writer_process import shared_writer
 
@@ -104,14 +111,15 @@ def test_a_state_the_writer_cannot_take_is_refused_when_asked_for() -> None:
         snapshot.save(1)
 
 
+@pytest.mark.parametrize("moment", [SAVE_STARTED, SAVE_DATA_WRITTEN, SAVE_SIDECAR_WRITTEN])
 def test_the_writer_killed_mid_save_commits_nothing_and_the_next_save_works(
-    tmp_path: Path,
+    tmp_path: Path, moment: str
 ) -> None:
     snapshot = Snapshot(str(tmp_path / "run"), make_state(), writer="process")
     killed: list[int] = []
 
     def kill_writer(event: Event) -> None:  # runs while the writer waits for our answer
-        if event.name == SAVE_DATA_WRITTEN and not killed:
+        if event.name == moment and not killed:
             process = shared_writer()._process
             assert process is not None
             process.kill()
@@ -148,8 +156,9 @@ Snapshot(sys.argv[1], {"model": model}, writer="process").save(1).wait()
 """
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["training process", "both"])
 def test_the_training_process_killed_while_its_writer_runs_leaves_no_writer_behind(
-    tmp_path: Path,
+    tmp_path: Path, group: bool
 ) -> None:
     save_dir = tmp_path / "run"
     victim = subprocess.Popen(
@@ -161,9 +170,12 @@ def test_the_training_process_killed_while_its_writer_runs_leaves_no_writer_behi
     line = victim.stdout.readline()
     assert line.startswith("paused "), line
     writer = psutil.Process(int(line.split()[1]))
-    os.kill(victim.pid, signal.SIGKILL)  # the training process only, not its group
+    if group:  # the training process and its writer at once (a node lost, an OOM kill)
+        os.killpg(victim.pid, signal.SIGKILL)
+    else:  # the training process only: its writer sees its pipes close
+        os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
-    writer.wait(timeout=30)  # its pipes closed: it stops instead of committing
+    writer.wait(timeout=30)  # it stops instead of committing
     assert not is_committed(str(save_dir / "1"))
     assert get_checkpoints(str(save_dir)) == []
 
