@@ -37,11 +37,11 @@ from torchsnapshot.manifest import (
     TensorEntry,
     is_container_entry,
 )
-from torchsnapshot.manifest_ops import get_manifest_for_rank
 from torchsnapshot.serialization import Serializer, string_to_dtype
 
 from .errors import CorruptCheckpointError
 from .sidecar import Sidecar
+from .torchsnapshot_compat import manifest_of_rank
 
 #: Bytes read per system call: large sequential reads, one buffer reused for all of them.
 CHUNK_SIZE = 16 * 1024 * 1024
@@ -71,7 +71,7 @@ def plan_restore(metadata: SnapshotMetadata, app_state: Mapping[str, Any]) -> Re
     """The plan for restoring ``app_state`` from a one-rank checkpoint, or ``None``."""
     if metadata.world_size != 1 or (dist.is_initialized() and dist.get_world_size() > 1):
         return None
-    manifest, _ = get_manifest_for_rank(metadata=metadata, rank=0)
+    manifest = manifest_of_rank(metadata, 0)
     order = [k for k in app_state if not isinstance(app_state[k], RNGState)]
     order += [k for k in app_state if isinstance(app_state[k], RNGState)]
     plan = RestorePlan(order=order, containers={})

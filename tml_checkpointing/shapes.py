@@ -21,13 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torchsnapshot.flatten import flatten
-from torchsnapshot.manifest_ops import get_manifest_for_rank
 
 from .errors import CheckpointShapeMismatchError
 from .faults import reading
 from .filesystem import StorageOptions
 from .storage_plugin import transport_url
-from .torchsnapshot_compat import KeyFilteredSnapshot
+from .torchsnapshot_compat import KeyFilteredSnapshot, manifest_of_rank
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def find_shape_mismatches(metadata: Any, state: Mapping[str, Any]) -> list[Shape
     """
     rank = _rank()  # a rank added since the save reads rank 0's part (see torchsnapshot_compat)
     rank = rank if rank < metadata.world_size else 0
-    manifest, _ = get_manifest_for_rank(metadata=metadata, rank=rank)
+    manifest = manifest_of_rank(metadata, rank)  # read only
     mismatches: list[ShapeMismatch] = []
     for key, stateful in state.items():
         _, flattened = flatten(stateful.state_dict(), prefix=key)

@@ -449,7 +449,9 @@ class Snapshot:
             transport_url(checkpoint),
             storage_options={**self.storage_options, VERIFY_READS_OPTION: verify == "full"},
         )
-        manifest = snapshot.get_manifest()
+        # Keys from the metadata's own manifest ("<rank>/<key>/..."): get_manifest() would
+        # deep-copy every entry first (1.1 s for 5,000 tensors).
+        manifest = snapshot.metadata.manifest
         saved_keys = {path.split("/")[1] for path in manifest if path.count("/") >= 1}
         missing = [key for key in wanted if key not in saved_keys and key != EXTRA_STATE]
         if missing:

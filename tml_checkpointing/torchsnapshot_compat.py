@@ -16,6 +16,10 @@ torchsnapshot is pinned (``==0.1.0``; upstream is nearly unmaintained), so these
   and optimizer entries the model's tables then lost elasticity too. We apply the same rule
   at any depth: a sharded tensor the restoring state asks for is read from all ranks' shards
   (containers created as needed); one it does not ask for is dropped.
+* :func:`parse_metadata_as_json_first`: torchsnapshot writes its metadata as JSON (a subset
+  of YAML, "for serialization performance") but reads it back with a YAML loader, whose
+  Python-side construction took 1.8 s per read for 5,000 tensors here (json: ~0.05 s). Its
+  reader is pointed at a loader that tries JSON first and falls back to YAML.
 * :func:`in_process_barrier_store`: ``async_take`` commits in a background thread behind a
   ``dist.Store`` barrier. Without an initialised process group, torchsnapshot bootstraps a
   ``TCPStore`` listening on the machine's hostname. One process needs no network for a barrier
@@ -26,6 +30,7 @@ torchsnapshot is pinned (``==0.1.0``; upstream is nearly unmaintained), so these
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,12 +39,43 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torchsnapshot
+import torchsnapshot.manifest
+import yaml
 from torchsnapshot import dist_store
 from torchsnapshot.flatten import flatten
 from torchsnapshot.manifest import DictEntry, Entry, ShardedTensorEntry, is_dict_entry
 from torchsnapshot.manifest_ops import get_manifest_for_rank
 
 _STORE_LOCK = threading.Lock()
+
+
+class _JsonFirstYaml:
+    """Stands in for the ``yaml`` module inside ``torchsnapshot.manifest`` (only ``load``
+    is used there): the same documents, parsed by ``json`` when they are JSON."""
+
+    @staticmethod
+    def load(text: str, Loader: Any) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError:  # YAML that is not JSON (metadata of other writers)
+            return yaml.load(text, Loader=Loader)
+
+
+def manifest_of_rank(metadata: Any, rank: int) -> dict[str, Entry]:
+    """``get_manifest_for_rank(metadata, rank)[0]``, read-only: one rank's checkpoint is its
+    ``0/`` entries as they are (torchsnapshot deep-copies every entry: 0.7 s for 5,000)."""
+    if metadata.world_size == 1:
+        return {path[2:]: entry for path, entry in metadata.manifest.items() if path[:2] == "0/"}
+    manifest: dict[str, Entry] = get_manifest_for_rank(metadata=metadata, rank=rank)[0]
+    return manifest
+
+
+def parse_metadata_as_json_first() -> None:
+    """Install :class:`_JsonFirstYaml` (idempotent)."""
+    torchsnapshot.manifest.yaml = _JsonFirstYaml  # type: ignore[attr-defined]
+
+
+parse_metadata_as_json_first()
 
 
 class KeyFilteredSnapshot(torchsnapshot.Snapshot):
