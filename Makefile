@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_torchrec.py --repeat 3 --json > benchmarks/results/torchrec.json
 	$(BIN)/python benchmarks/bench_fast.py --json --chart docs/performance.png \
 	  > benchmarks/results/fast.json
+	$(BIN)/python benchmarks/bench_s3.py --json > benchmarks/results/s3.json
 
 # ~2 minutes: the writer-process benchmark on a small state (the edit-measure loop).
 bench-quick: $(STAMP)

@@ -545,6 +545,8 @@ class Case:
     build: Callable[[], State]
     work: Path
     rows: dict[str, Row] = field(default_factory=dict)
+    # The floor of any stall: copy_ of every tensor into buffers allocated once (seconds).
+    copy_floor_s: list[float] = field(default_factory=list)
     # 1-minute load average when each phase ended: on a shared machine, the context of a number.
     load: dict[str, float] = field(default_factory=dict)
 
@@ -657,6 +659,22 @@ def measure_writers(case: Case, writers: list[Writer], args: argparse.Namespace,
         row.peak_ram = sampler.extra / case.nbytes
         row.peak_ram_bytes = sampler.extra
         log(f"  {writer.name}: peak extra RAM {row.peak_ram:.2f}x state")
+
+
+def copy_floor(state: State, repeat: int) -> list[float]:
+    """What a stall cannot beat on this machine: one ``copy_`` of every tensor into a buffer
+    allocated beforehand (the writer process's staging does exactly this, into shared memory)."""
+    tensors = state_tensors(state)
+    buffers = [torch.empty_like(t) for t in tensors]
+    for buffer in buffers:
+        buffer.zero_()  # touch every page first: the staging block is reused, not fresh
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        for buffer, tensor in zip(buffers, tensors, strict=True):
+            buffer.copy_(tensor)
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def warm_up(writer: Writer, timeout: float) -> tuple[float, float]:
@@ -792,6 +810,11 @@ def ratios(case: Case) -> dict[str, float]:
             theirs = median(rows.get(other), "commit")
             if theirs is not None:
                 out[f"{ours.name} commit throughput {label}"] = round(theirs / mine, 2)
+    floor = statistics.median(case.copy_floor_s) if case.copy_floor_s else None
+    for ours in (r for r in rows.values() if r.ours and r.asynchronous and r.stall):
+        if floor:
+            stall = statistics.median(ours.stall)
+            out[f"{ours.name} stall vs copy_ floor"] = round(stall / floor, 2)
     for ours in (r for r in rows.values() if r.ours and r.restore):
         mine = median(ours, "restore")
         theirs = median(rows.get("torch.load"), "restore")
@@ -852,6 +875,10 @@ def report(cases: list[Case], args: argparse.Namespace, was_cold: bool) -> dict[
             "bytes": case.nbytes,
             "gib": round(gib, 4),
             "tensors": case.tensors,
+            "copy_floor_s": spread(case.copy_floor_s),
+            "copy_floor_s_per_gib": (
+                round(statistics.median(case.copy_floor_s) / gib, 4) if case.copy_floor_s else None
+            ),
             "rows": rows,
             "ratios": ratios(case),
             "load_avg_1min": case.load,
@@ -1043,6 +1070,8 @@ def main() -> None:
             writers += [Tml(case.state, case.work, w) for w in tml_writers()]
             per_case[case.name] = writers
             measure_writers(case, writers, args, trainer, log)
+            case.copy_floor_s = copy_floor(case.state, args.repeat)
+            log(f"  memory: copy_ into reused buffers {fmt_spread(case.copy_floor_s)}")
             case.load["saves"] = round(os.getloadavg()[0], 2)
             for writer in writers:
                 writer.close()

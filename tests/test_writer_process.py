@@ -9,6 +9,7 @@ writer process for local and S3 save_dirs.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,34 @@ def test_staging_is_allocated_once_replanned_on_new_shapes_and_freed_by_close(
     assert not Path("/dev/shm", replanned.name).exists()
     steps = [step_from_checkpoint(path) for path in get_checkpoints(str(tmp_path / "run"))]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_fifty_saves_do_not_grow_memory_or_shared_memory(tmp_path: Path) -> None:
+    """Staging is reused: after the first saves, neither this process's memory, the writer's,
+    nor the machine's shared memory grows with the number of saves (a 16 MiB state, so that
+    a copy kept per save would show as 16 MiB per save)."""
+    state = {"model": torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.randn(4 << 20))})}
+    snapshot = Snapshot(str(tmp_path / "run"), state, writer="process")
+
+    def used() -> tuple[int, int, int]:
+        writer = shared_writer()._process
+        assert writer is not None
+        shm = sum(p.stat().st_size for p in Path("/dev/shm").glob("tml-staging-*"))
+        uss = psutil.Process().memory_full_info().uss
+        return uss, psutil.Process(writer.pid).memory_full_info().uss, shm
+
+    for step in range(5):
+        snapshot.save(step).wait()
+    before = used()
+    for step in range(5, 50):
+        snapshot.save(step).wait()
+        shutil.rmtree(tmp_path / "run" / str(step - 1))  # keep the disk small
+    after = used()
+    snapshot.close()
+    slack = 8 << 20  # allocator noise; one more copy of the state would be 16 MiB
+    assert after[0] - before[0] < slack, ("training process", before, after)
+    assert after[1] - before[1] < slack, ("writer process", before, after)
+    assert after[2] == before[2], ("shared memory", before, after)
 
 
 def test_a_state_the_writer_cannot_take_is_refused_when_asked_for() -> None:
