@@ -1,4 +1,4 @@
-"""The two places where we lean on torchsnapshot 0.1.0 internals, kept together and small.
+"""The places where we lean on torchsnapshot 0.1.0 internals, kept together and small.
 
 torchsnapshot is pinned (``==0.1.0``; upstream is nearly unmaintained), so these are stable.
 
