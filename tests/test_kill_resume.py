@@ -181,15 +181,39 @@ def assert_no_survivors(save_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The final checkpoint's tensors of an uninterrupted run (plain functions, no Prefect)."""
-    config = TrainConfig(save_dir=str(tmp_path_factory.mktemp("reference")), **PARAMS)
+def reference_steps(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, torch.Tensor]]:
+    """Every checkpoint's tensors of an uninterrupted run (plain functions, no Prefect), by
+    step: retention only deletes, so the run keeps them all and trains the same."""
+    params = {**PARAMS, "keep_last": None}
+    config = TrainConfig(save_dir=str(tmp_path_factory.mktemp("reference")), **params)
     plain_run(config)
-    return checkpoint_tensors(config.save_dir)
+    steps = [step_from_checkpoint(path) for path in get_checkpoints(config.save_dir)]
+    assert steps == list(range(2, 31, 2))
+    return {step: checkpoint_tensors(config.save_dir, step) for step in steps}
+
+
+@pytest.fixture(scope="module")
+def reference(reference_steps: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The final checkpoint's tensors of an uninterrupted run."""
+    return reference_steps[30]
+
+
+def assert_checkpoints_match(
+    save_dir: str, reference_steps: dict[int, dict[str, torch.Tensor]], where: str
+) -> None:
+    """Every committed checkpoint holds exactly what the uninterrupted run had at its step."""
+    for checkpoint in get_checkpoints(save_dir):
+        step = step_from_checkpoint(checkpoint)
+        try:
+            assert_bit_identical(checkpoint_tensors(save_dir, step), reference_steps[step])
+        except AssertionError as error:
+            raise AssertionError(f"{where}: checkpoint {step}: {error}") from None
 
 
 def test_sigkill_at_reported_moments_then_resume(
-    prefect_server: PrefectServer, reference: dict[str, torch.Tensor], tmp_path: Path
+    prefect_server: PrefectServer,
+    reference_steps: dict[int, dict[str, torch.Tensor]],
+    tmp_path: Path,
 ) -> None:
     save_dir = str(tmp_path / "killed")
     env = {**prefect_server.env(), "PYTHONPATH": str(REPO)}
@@ -202,6 +226,9 @@ def test_sigkill_at_reported_moments_then_resume(
         kill = run_and_kill(save_dir, env, pause, occurrence, log)
         assert_no_survivors(save_dir)
         prove_landing(save_dir, kill, model)
+        assert_checkpoints_match(
+            save_dir, reference_steps, f"after the kill at {kill.event} {kill.path}"
+        )
         if kill.path == f"{save_dir}/10" and pause == SAVE_COMMITTED:
             assert model.committed == {2, 4, 6, 8, 10}, "the prune ran before the kill"
 
@@ -214,8 +241,8 @@ def test_sigkill_at_reported_moments_then_resume(
     assert summary["checkpoint"] == f"{save_dir}/30"
     assert {"epochs_run", "epochs_skipped"} <= summary.keys()
     try:
-        assert_bit_identical(checkpoint_tensors(save_dir), reference)
-    except AssertionError as error:  # seen once under load: keep what explains it in the report
+        assert_checkpoints_match(save_dir, reference_steps, "after the final run")
+    except AssertionError as error:  # seen twice under load: keep what explains it in the report
         story = "\n".join(line for line in log.read_text().splitlines() if "obj_out" not in line)
         raise AssertionError(
             f"{error}\nsteps on disk: {sorted(os.listdir(save_dir))}\n"

@@ -115,7 +115,7 @@ def test_fifty_saves_do_not_grow_memory_or_shared_memory(tmp_path: Path) -> None
     def used() -> tuple[int, int, int]:
         writer = shared_writer()._process
         assert writer is not None
-        shm = sum(p.stat().st_size for p in Path("/dev/shm").glob("tml-staging-*"))
+        shm = sum(p.stat().st_size for p in Path("/dev/shm").glob(f"tml-staging-{os.getpid()}-*"))
         uss = psutil.Process().memory_full_info().uss
         return uss, psutil.Process(writer.pid).memory_full_info().uss, shm
 
