@@ -39,6 +39,7 @@ from torchsnapshot.manifest import (
 )
 from torchsnapshot.serialization import Serializer, string_to_dtype
 
+from .chains import ChainedTensor
 from .errors import CorruptCheckpointError
 from .sidecar import Sidecar
 from .torchsnapshot_compat import manifest_of_rank
@@ -57,6 +58,19 @@ class _Read:
 
 
 @dataclass
+class _Patch:
+    """Changed rows of one chained tensor in one delta checkpoint, applied after the reads."""
+
+    directory: str
+    rows: TensorEntry
+    values: TensorEntry
+    target: torch.Tensor
+
+
+File = tuple[str, str]  # (checkpoint directory, location within it)
+
+
+@dataclass
 class RestorePlan:
     """What to read into which tensor, decided before anything is read."""
 
@@ -64,13 +78,27 @@ class RestorePlan:
     containers: dict[str, dict[str, Entry]]  # per key: its container entries
     values: dict[str, Any] = field(default_factory=dict)  # logical path -> restored value
     objects: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> its raw bytes
-    reads: dict[str, list[_Read]] = field(default_factory=dict)  # file -> reads
+    reads: dict[File, list[_Read]] = field(default_factory=dict)  # file -> reads
+    patches: list[_Patch] = field(default_factory=list)  # oldest first, after the reads
+
+    @property
+    def directories(self) -> set[str]:
+        return {directory for directory, _ in self.reads} | {p.directory for p in self.patches}
 
 
-def plan_restore(metadata: SnapshotMetadata, app_state: Mapping[str, Any]) -> RestorePlan | None:
-    """The plan for restoring ``app_state`` from a one-rank checkpoint, or ``None``."""
+def plan_restore(
+    metadata: SnapshotMetadata,
+    app_state: Mapping[str, Any],
+    directory: str,
+    chained: Mapping[str, ChainedTensor] | None = None,
+) -> RestorePlan | None:
+    """The plan for restoring ``app_state`` from a one-rank checkpoint in ``directory``, or
+    ``None``. ``chained`` (a delta checkpoint): the tensors rebuilt from its chain; then
+    ``metadata`` is its logical metadata (:func:`~tml_checkpointing.chains.logical_metadata`).
+    """
     if metadata.world_size != 1 or (dist.is_initialized() and dist.get_world_size() > 1):
         return None
+    chained = chained or {}
     manifest = manifest_of_rank(metadata, 0)
     order = [k for k in app_state if not isinstance(app_state[k], RNGState)]
     order += [k for k in app_state if isinstance(app_state[k], RNGState)]
@@ -88,36 +116,60 @@ def plan_restore(metadata: SnapshotMetadata, app_state: Mapping[str, Any]) -> Re
                 plan.values[path] = entry.get_value()
             elif type(entry) is ObjectEntry and entry.serializer == Serializer.TORCH_SAVE.value:
                 plan.objects[path] = torch.empty(0, dtype=torch.uint8)  # sized when read
-                plan.reads.setdefault(entry.location, []).append(_Read(0, -1, plan.objects[path]))
-            elif type(entry) is TensorEntry and _plain(entry):
-                tensor = _target(entry, flattened.get(path))
-                start, end = entry.byte_range or (0, _nbytes(tensor))
-                if end - start != _nbytes(tensor):
+                where = (directory, entry.location)
+                plan.reads.setdefault(where, []).append(_Read(0, -1, plan.objects[path]))
+            elif path in chained:
+                tensor = _target(entry, flattened.get(path))  # type: ignore[arg-type]
+                if not _plan_chained(plan, chained[path], tensor):
                     return None
                 plan.values[path] = tensor
-                plan.reads.setdefault(entry.location, []).append(_Read(start, end, tensor))
+            elif type(entry) is TensorEntry and _plain(entry):
+                tensor = _target(entry, flattened.get(path))
+                if not _plan_read(plan, directory, entry, tensor):
+                    return None
+                plan.values[path] = tensor
             else:
                 return None
     return plan
+
+
+def _plan_read(plan: RestorePlan, directory: str, entry: TensorEntry, tensor: torch.Tensor) -> bool:
+    start, end = entry.byte_range or (0, _nbytes(tensor))
+    if end - start != _nbytes(tensor):
+        return False
+    plan.reads.setdefault((directory, entry.location), []).append(_Read(start, end, tensor))
+    return True
+
+
+def _plan_chained(plan: RestorePlan, chained: ChainedTensor, tensor: torch.Tensor) -> bool:
+    """Read the tensor's whole copy from the chain's base, then patch each delta's rows."""
+    base, entry = chained.base
+    if not _plain(entry) or list(entry.shape) != list(tensor.shape):
+        return False
+    if string_to_dtype(entry.dtype) != tensor.dtype:
+        return False
+    if not _plan_read(plan, base.root, entry, tensor):
+        return False
+    for ancestor, rows, values in chained.deltas:
+        plan.patches.append(_Patch(ancestor.root, rows, values, tensor))
+    return True
 
 
 def run_restore(
     plan: RestorePlan,
     app_state: Mapping[str, Any],
     fs: AbstractFileSystem,
-    directory: str,
-    sidecar: Sidecar | None,
+    sidecars: Mapping[str, Sidecar | None],
     checkpoint: str,
 ) -> None:
-    """Read every planned range (verified against ``sidecar`` when given), then load.
+    """Read every planned range (verified against its directory's sidecar in ``sidecars``,
+    when there is one), patch chained tensors with their deltas, then load.
 
     Check :func:`can_verify` first. A corrupt block raises :class:`CorruptCheckpointError`
     after the blocks before it were copied (as on the torchsnapshot path, which restores one
     stateful after another): restore an older checkpoint then.
     """
-    scratch = torch.empty(CHUNK_SIZE, dtype=torch.uint8)
-    for location, reads in plan.reads.items():
-        _read_file(fs, directory, location, reads, sidecar, scratch, checkpoint)
+    read_planned(plan, fs, sidecars, checkpoint)
     for path, raw in plan.objects.items():
         plan.values[path] = torch.load(io.BytesIO(raw.numpy().tobytes()))  # as torchsnapshot
     for key in plan.order:
@@ -125,13 +177,63 @@ def run_restore(
         app_state[key].load_state_dict(state_dict)
 
 
-def can_verify(plan: RestorePlan, sidecar: Sidecar | None) -> bool:
-    """Whether the sidecar (if any) has block checksums for the files the plan reads (a v1
-    sidecar's whole-file checksums are checked by torchsnapshot's path)."""
-    if sidecar is None:
-        return True
-    records = [sidecar.files.get(location.lstrip("/")) for location in plan.reads]
-    return all(record is None or record.blocks for record in records)
+def read_planned(
+    plan: RestorePlan,
+    fs: AbstractFileSystem,
+    sidecars: Mapping[str, Sidecar | None],
+    checkpoint: str,
+) -> None:
+    """Read every planned range into its target, then apply the deltas, oldest first."""
+    scratch = torch.empty(CHUNK_SIZE, dtype=torch.uint8)
+    for (directory, location), reads in plan.reads.items():
+        sidecar = sidecars.get(directory)
+        _read_file(fs, directory, location, reads, sidecar, scratch, checkpoint)
+    for patch in plan.patches:  # one delta's rows in memory at a time
+        rows = torch.empty(list(patch.rows.shape), dtype=torch.int64)
+        values = torch.empty(list(patch.values.shape), dtype=string_to_dtype(patch.values.dtype))
+        reads = [_Read(*_range(patch.rows), rows), _Read(*_range(patch.values), values)]
+        sidecar = sidecars.get(patch.directory)
+        _read_file(fs, patch.directory, patch.rows.location, reads, sidecar, scratch, checkpoint)
+        if rows.numel():
+            patch.target.index_copy_(0, rows, values)
+
+
+def read_chained_tensor(
+    fs: AbstractFileSystem,
+    chained: ChainedTensor,
+    out: torch.Tensor,
+    sidecars: Mapping[str, Sidecar | None],
+    checkpoint: str,
+) -> None:
+    """Rebuild one chained tensor (its base, then its deltas) into ``out``."""
+    in_place = _lands_in(chained.base[1], out)
+    landing = out.detach() if in_place else torch.empty_like(out)
+    plan = RestorePlan(order=[], containers={})
+    if not _plan_chained(plan, chained, landing):
+        raise ValueError(
+            f"{chained.path} ({chained.base[1].dtype} {list(chained.base[1].shape)}) cannot be "
+            f"read into a {out.dtype} {list(out.shape)} tensor"
+        )
+    read_planned(plan, fs, sidecars, checkpoint)
+    if not in_place:
+        out.copy_(landing)
+
+
+def can_verify(plan: RestorePlan, sidecars: Mapping[str, Sidecar | None]) -> bool:
+    """Whether the sidecars (where there are) have block checksums for the files the plan
+    reads (a v1 sidecar's whole-file checksums are checked by torchsnapshot's path)."""
+    files = [*plan.reads, *((p.directory, p.rows.location) for p in plan.patches)]
+    for directory, location in files:
+        sidecar = sidecars.get(directory)
+        record = sidecar.files.get(location.lstrip("/")) if sidecar is not None else None
+        if record is not None and not record.blocks:
+            return False
+    return True
+
+
+def _range(entry: TensorEntry) -> tuple[int, int]:
+    assert entry.byte_range is not None  # delta entries always have one
+    return entry.byte_range[0], entry.byte_range[1]
 
 
 def _plain(entry: TensorEntry) -> bool:
@@ -140,18 +242,22 @@ def _plain(entry: TensorEntry) -> bool:
 
 def _target(entry: TensorEntry, current: Any) -> torch.Tensor:
     """The state's own tensor when the bytes can land in it as they are, else a new one."""
-    dtype, shape = string_to_dtype(entry.dtype), list(entry.shape)
-    if (
-        type(current) in (torch.Tensor, torch.nn.Parameter)
-        and current.device.type == "cpu"
-        and current.dtype == dtype
-        and list(current.shape) == shape
-        and current.is_contiguous()
-        and not current.is_quantized
-    ):
+    if _lands_in(entry, current):
         own: torch.Tensor = current.detach()  # shares its storage: the bytes land in the state
         return own
-    return torch.empty(shape, dtype=dtype)
+    return torch.empty(list(entry.shape), dtype=string_to_dtype(entry.dtype))
+
+
+def _lands_in(entry: TensorEntry, current: Any) -> bool:
+    """Whether the entry's bytes can be read straight into ``current``."""
+    return (
+        type(current) in (torch.Tensor, torch.nn.Parameter)
+        and current.device.type == "cpu"
+        and current.dtype == string_to_dtype(entry.dtype)
+        and list(current.shape) == list(entry.shape)
+        and current.is_contiguous()
+        and not current.is_quantized
+    )
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

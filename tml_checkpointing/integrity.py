@@ -127,6 +127,7 @@ def verify_checkpoint(
     storage_options: StorageOptions | None = None,
     raise_on_corrupt: bool = True,
     progress: Callable[[int], None] | None = None,
+    follow_chain: bool = True,
 ) -> VerifyReport:
     """Check a committed checkpoint against its marker, manifest and integrity sidecar.
 
@@ -136,6 +137,10 @@ def verify_checkpoint(
     ``raise_on_corrupt=False``, then the report says ``corrupt``),
     :class:`CheckpointNotFoundError` when ``checkpoint`` has no commit marker at all, and
     :class:`~tml_checkpointing.errors.CheckpointReadError` when storage cannot be read.
+
+    A delta checkpoint (incremental saves) is valid only with its chain: every ancestor up to
+    the chain's full checkpoint must be committed, be the very checkpoint it was computed
+    against, and verify at the same level (``follow_chain=False`` checks its own files only).
     """
     check_verify_level(level)
     started = time.monotonic()
@@ -172,6 +177,9 @@ def verify_checkpoint(
                     )
                 )
 
+    if metadata is not None and follow_chain:
+        _check_chain(report, fs, root, checkpoint, metadata, level, storage_options, progress)
+
     sidecar = _read_sidecar(fs, root, checkpoint, listing, report)
     if sidecar is None:
         if not report.problems:
@@ -199,6 +207,43 @@ def verify_checkpoint(
         if problem:
             report.problems.append(FileProblem(relative, problem))
     return _finish(report, started, raise_on_corrupt)
+
+
+def _check_chain(
+    report: VerifyReport,
+    fs: AbstractFileSystem,
+    root: str,
+    checkpoint: str,
+    metadata: SnapshotMetadata,
+    level: VerifyLevel,
+    storage_options: StorageOptions | None,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Problems of a delta checkpoint's chain, added to ``report`` (nothing for a full one)."""
+    from .chains import ancestry  # chains reads markers with this module's helpers
+
+    try:
+        chain = ancestry(checkpoint, metadata, fs, root)
+    except CorruptCheckpointError as error:
+        report.problems.append(FileProblem(COMMIT_MARKER, f"chain: {error}"))
+        return
+    for ancestor in chain[1:]:
+        found = verify_checkpoint(
+            ancestor.checkpoint,
+            level=level,
+            storage_options=storage_options,
+            raise_on_corrupt=False,
+            progress=progress,
+            follow_chain=False,
+        )
+        report.bytes_checked += found.bytes_checked
+        if found.status == "corrupt":
+            report.problems.append(
+                FileProblem(
+                    COMMIT_MARKER,
+                    f"chain: ancestor {ancestor.checkpoint} is corrupt ({found.summary()})",
+                )
+            )
 
 
 def _finish(report: VerifyReport, started: float, raise_on_corrupt: bool) -> VerifyReport:

@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import events
+from .chains import read_chain_link
 from .discovery import CheckpointPath, is_committed, scan_checkpoints
 from .errors import NotASaveDirError
 from .evaluation import evaluated_partitions, read_checkpoint_metrics
@@ -80,13 +81,16 @@ def plan_retention(
     evaluated: Mapping[int, set[str]] | None = None,
     *,
     protect: Iterable[int] = (),
+    parents: Mapping[int, int] | None = None,
 ) -> RetentionPlan:
     """Decide what to keep; pure (no I/O).
 
     ``metrics`` maps step to the value of ``policy.best_metric`` (steps without one are not
     ranked); ``evaluated`` maps step to the partitions that finished it; ``protect`` are
     steps kept no matter what (``prune`` passes the newest valid checkpoint). Uncommitted
-    entries are kept ("incomplete"): retention never touches them.
+    entries are kept ("incomplete"): retention never touches them. ``parents`` maps each
+    delta checkpoint (incremental saves) to its parent's step: a kept delta keeps its whole
+    chain, down to the full checkpoint, since it cannot be restored without it.
     """
     metrics = metrics or {}
     evaluated = evaluated or {}
@@ -128,6 +132,12 @@ def plan_retention(
     for entry in committed:
         if entry.step in protected:
             keep(entry.step, "newest valid checkpoint")
+    parents = parents or {}
+    for step in sorted(reasons, reverse=True):
+        child = step
+        while child in parents and parents[child] not in reasons:
+            keep(parents[child], f"base of the kept delta checkpoint {step}")
+            child = parents[child]
     kept = [c for c in ordered if c.step in reasons]
     deleted = [c for c in committed if c.step not in reasons]
     return RetentionPlan(keep=kept, delete=deleted, reasons=reasons)
@@ -194,17 +204,19 @@ def prune(
             evaluated[entry.step] = set(
                 evaluated_partitions(entry.path, storage_options=storage_options)
             )
+    parents = chain_parents(committed, storage_options)
     plan = plan_retention(
         entries,
         policy,
         metrics,
         evaluated,
         protect=() if latest_step is None else (latest_step,),
+        parents=parents,
     )
     if on_plan is not None:
         on_plan(plan)
     deleted: list[str] = []
-    for victim in plan.delete:
+    for victim in children_first(plan.delete, parents):
         if dry_run:
             continue
         delete_checkpoint(victim.path, storage_options)
@@ -213,6 +225,45 @@ def prune(
         if on_deleted is not None:
             on_deleted(victim)
     return PruneResult(plan=plan, latest_valid=latest_valid, deleted=deleted, dry_run=dry_run)
+
+
+def chain_parents(
+    committed: Iterable[CheckpointPath], storage_options: StorageOptions | None = None
+) -> dict[int, int]:
+    """``{step: parent step}`` of the delta checkpoints among ``committed`` (one marker read
+    each; a marker that went away or does not parse names no parent)."""
+    parents: dict[int, int] = {}
+    for entry in committed:
+        link = read_chain_link(entry.path, storage_options)
+        if link is not None and link.parent is not None and link.parent.isdigit():
+            parents[entry.step] = int(link.parent)
+    return parents
+
+
+def children_first(
+    victims: list[CheckpointPath], parents: Mapping[int, int]
+) -> list[CheckpointPath]:
+    """Deletion order: oldest first, except that a delta goes before its parent, so a kill
+    half-way never leaves a committed delta whose parent is gone."""
+    by_step = {victim.step: victim for victim in victims}
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        if child in by_step and parent in by_step:
+            children.setdefault(parent, []).append(child)
+    ordered: list[CheckpointPath] = []
+    done: set[int] = set()
+
+    def emit(step: int) -> None:
+        for child in sorted(children.get(step, []), reverse=True):
+            if child not in done:
+                emit(child)
+        done.add(step)
+        ordered.append(by_step[step])
+
+    for victim in victims:
+        if victim.step not in done:
+            emit(victim.step)
+    return ordered
 
 
 def delete_checkpoint(checkpoint: str, storage_options: StorageOptions | None = None) -> None:

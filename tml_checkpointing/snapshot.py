@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchsnapshot import RNGState, StateDict
 
 from . import events
+from .chains import ChainedTensor, ancestry, chained_tensors, link_of, logical_metadata
 from .claims import write_claim
 from .discovery import get_checkpoint, is_committed, step_from_checkpoint
 from .errors import (
@@ -32,21 +33,30 @@ from .errors import (
     CheckpointReadError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     InvalidStepError,
     SaveDirLockedError,
     SnapshotEntryNotFoundError,
     SnapshotStateError,
     StepTypeError,
 )
-from .fast_restore import can_verify, plan_restore, run_restore
+from .fast_restore import can_verify, plan_restore, read_chained_tensor, run_restore
 from .faults import reading
 from .filesystem import StorageOptions, is_local, join_url, resolve
-from .integrity import VERIFY_LEVELS, VerifyLevel, read_sidecar, verify_checkpoint
+from .incremental import DEFAULT_FULL_EVERY, DELTA_ROOT, MIN_CHAINED_BYTES, ChainLink
+from .integrity import (
+    VERIFY_LEVELS,
+    VerifyLevel,
+    read_metadata,
+    read_sidecar,
+    verify_checkpoint,
+)
 from .layout import INTEGRITY_SIDECAR, step_name
 from .locking import assert_holding
 from .shapes import check_restore_shapes
-from .sidecar import SidecarFormatError
+from .sidecar import Sidecar, SidecarFormatError
 from .staging import (
+    ChainRequest,
     SavePlan,
     StagingArea,
     flatten_state,
@@ -54,9 +64,10 @@ from .staging import (
     plan_save,
     shared_memory_room,
 )
-from .storage_plugin import VERIFY_READS_OPTION, transport_url
+from .storage_plugin import TRANSPORT_SCHEME, VERIFY_READS_OPTION, transport_url
 from .torchsnapshot_compat import KeyFilteredSnapshot, in_process_barrier_store
 from .writer_process import WriterSave, shared_writer
+from .writer_thread import ThreadSave
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +120,16 @@ class PendingSave:
         self,
         path: str,
         global_step: int,
-        pending: torchsnapshot.snapshot.PendingSnapshot | WriterSave,
+        pending: torchsnapshot.snapshot.PendingSnapshot | WriterSave | ThreadSave,
+        link: ChainLink | None = None,
     ) -> None:
         self.path = path
         self.global_step = global_step
+        self.link = link  # an incremental save's place in its chain
         self._pending = pending
         self._started = time.monotonic()
         self.error_reported = False  # the failure was already raised to a caller
+        self.committed = False  # a wait() saw it committed
 
     def done(self) -> bool:
         """Whether writing has finished (successfully or not): ``wait`` will not block."""
@@ -143,6 +157,7 @@ class PendingSave:
                 f"saving step {self.global_step} to {self.path} failed, nothing was committed: "
                 f"{type(cause).__name__}: {cause}"
             ) from cause
+        self.committed = True
         return self.path
 
     def __repr__(self) -> str:
@@ -180,10 +195,34 @@ class Snapshot:
         *,
         storage_options: StorageOptions | None = None,
         writer: WriterChoice = "auto",
+        incremental: bool = False,
+        full_every: int = DEFAULT_FULL_EVERY,
+        min_chained_bytes: int = MIN_CHAINED_BYTES,
     ) -> None:
         fs, _ = resolve(save_dir, storage_options)  # an unknown protocol fails here, not later
         if writer not in WRITER_CHOICES:
             raise SnapshotStateError(f"writer must be one of {WRITER_CHOICES}, got {writer!r}")
+        if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
+            raise InvalidArgumentError(
+                f"full_every must be a positive integer (saves per chain), got {full_every!r}"
+            )
+        if incremental and writer == "torchsnapshot":
+            raise SnapshotStateError(
+                "incremental saves need the staging writer (it holds the last saved copy to "
+                "compare with); use writer='auto' or 'process'"
+            )
+        if not isinstance(min_chained_bytes, int) or min_chained_bytes < 1:
+            raise InvalidArgumentError(
+                f"min_chained_bytes must be a positive integer, got {min_chained_bytes!r}"
+            )
+        self.incremental = bool(incremental)
+        self.full_every = full_every
+        self.min_chained_bytes = min_chained_bytes
+        # The newest committed save of this Snapshot's chain, whose values the staging block
+        # still holds: the parent of the next incremental save (None: the next one is full).
+        self._tip: tuple[str, ChainLink] | None = None
+        self._last_save: PendingSave | None = None
+        self._warned_full = False
         self.save_dir = save_dir
         self.storage_options: StorageOptions = dict(storage_options or {})
         self.writer: WriterChoice = writer
@@ -227,6 +266,7 @@ class Snapshot:
         self._state = {k: v for k, v in state.items() if k != EXTRA_STATE}
         self._state[EXTRA_STATE] = self._extra_state
         self._unstageable = ""
+        self._tip = None
 
     @property
     def step(self) -> int:
@@ -268,6 +308,7 @@ class Snapshot:
                 "or assign snapshot.state = {'model': model, ...} before save()"
             )
         self.wait()
+        self._settle_chain(global_step)
         assert_holding(self.save_dir, self.storage_options)  # a run that lost its lock stops
         path = join_url(self.save_dir, step_name(global_step))
         try:
@@ -292,7 +333,7 @@ class Snapshot:
         self.step = global_step
         started = time.monotonic()
         try:
-            pending, how = self._start_writing(path)
+            pending, how, link = self._start_writing(path)
         except SnapshotStateError:
             raise  # writer="process" for a state it cannot take: the caller's choice to fix
         except Exception as error:
@@ -308,17 +349,47 @@ class Snapshot:
             how,
             time.monotonic() - started,
         )
-        self._pending = PendingSave(path, global_step, pending)
+        self._pending = self._last_save = PendingSave(path, global_step, pending, link)
         return self._pending
+
+    def _settle_chain(self, global_step: int) -> None:
+        """After the previous save settled: it is the next delta's parent if it committed
+        (and holds a link, and is older), else the next incremental save is a full one."""
+        last, self._last_save = self._last_save, None
+        if last is None:
+            return
+        self._tip = None
+        if last.committed and last.link is not None and last.global_step < global_step:
+            self._tip = (last.path, last.link)
+
+    def _chain_request(self) -> ChainRequest:
+        """The next incremental save's parent: the tip, if it is still committed."""
+        if self._tip is None:
+            return ChainRequest(parent=None, parent_link=None, full_every=self.full_every)
+        parent_path, link = self._tip
+        if not is_committed(parent_path, self.storage_options):
+            logger.warning("%s is gone: the next checkpoint is a full one.", parent_path)
+            self._tip = None
+            return ChainRequest(parent=None, parent_link=None, full_every=self.full_every)
+        name = parent_path.rstrip("/").rsplit("/", 1)[-1]
+        return ChainRequest(parent=name, parent_link=link, full_every=self.full_every)
 
     def _start_writing(
         self, path: str
-    ) -> tuple[torchsnapshot.snapshot.PendingSnapshot | WriterSave, str]:
+    ) -> tuple[
+        torchsnapshot.snapshot.PendingSnapshot | WriterSave | ThreadSave, str, ChainLink | None
+    ]:
         """Stage the state and start writing it: through the writer process if it can take
         it, else through torchsnapshot's writer thread."""
-        through_writer = self._stage_for_writer(path)
-        if through_writer is not None:
-            return through_writer, "staged for the writer process"
+        staged = self._stage_for_writer(path)
+        if staged is not None:
+            save, link = staged
+            how = "staged for the writer process"
+            if isinstance(save, ThreadSave):
+                how = "staged for a writer thread"
+            if link is not None:
+                how += f", {'delta' if link.is_delta else 'full'} (chain depth {link.depth})"
+            return save, how, link
         app_state = {
             key: value if _must_pass_through(value) else _ConsistentStateful(value)
             for key, value in self._state.items()
@@ -329,7 +400,7 @@ class Snapshot:
                 app_state=app_state,
                 storage_options=self.storage_options,
             )
-        return pending, "staged"
+        return pending, "staged", None
 
     def wait(self) -> str | None:
         """Wait for the save in flight, if any; return its path."""
@@ -349,14 +420,18 @@ class Snapshot:
         finally:
             self._staging.release()
 
-    def _stage_for_writer(self, path: str) -> WriterSave | None:
-        """Stage the state and hand it to the writer process, or ``None``: use torchsnapshot."""
+    def _stage_for_writer(
+        self, path: str
+    ) -> tuple[WriterSave | ThreadSave, ChainLink | None] | None:
+        """Stage the state and hand it to the writer process (or, for an incremental save to
+        a store only this process reaches, a writer thread); ``None``: use torchsnapshot."""
         if self.writer == "torchsnapshot":
             return None
         why_not = self._why_not_writer_process()
         containers, leaves = flatten_state(self._state) if not why_not else ({}, {})
         if not why_not and not self._staging.fits(leaves):
-            plan = plan_save(leaves)
+            self._tip = None  # a new block holds no saved copy to compare with
+            plan = plan_save(leaves, self.incremental, self.min_chained_bytes)
             if plan is None:
                 why_not = "the state holds sharded, distributed or non-CPU tensors"
                 self._unstageable = why_not
@@ -368,20 +443,27 @@ class Snapshot:
         if why_not:
             if self.writer == "process":
                 raise SnapshotStateError(f"writer='process' cannot save this state: {why_not}")
+            if self.incremental and not self._warned_full:
+                logger.warning("Incremental saves are off for %s: %s.", self.save_dir, why_not)
+                self._warned_full = True
             return None
         area = self._staging.area
         assert area is not None
-        staged = area.stage(containers, leaves)
+        chain = self._chain_request() if self.incremental else None
+        staged = area.stage(containers, leaves, chain=chain)
+        if not self._writer_reachable:
+            return ThreadSave(path, self.storage_options, area, staged), staged.link
         writer = shared_writer()
         writer.start()
-        return writer.submit(path, self.save_dir, self.storage_options, area, staged)
+        save = writer.submit(path, self.save_dir, self.storage_options, area, staged)
+        return save, staged.link
 
     def _why_not_writer_process(self) -> str:
         if self._unstageable:
             return self._unstageable
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return "several ranks save collectively through torchsnapshot"
-        if not self._writer_reachable:
+        if not self._writer_reachable and not self.incremental:
             return "the writer process cannot reach this storage (memory:// or a custom scheme)"
         return ""
 
@@ -449,10 +531,20 @@ class Snapshot:
             transport_url(checkpoint),
             storage_options={**self.storage_options, VERIFY_READS_OPTION: verify == "full"},
         )
+        # A delta checkpoint: its chained tensors come from its ancestors (found, and their
+        # links checked, before anything is read); the logical metadata lists them too.
+        metadata, chained = snapshot.metadata, None
+        link = link_of(metadata, checkpoint)
+        if link is not None and link.is_delta:
+            fs, root = resolve(checkpoint, self.storage_options)
+            with reading(f"the chain of checkpoint {checkpoint}"):
+                chained = chained_tensors(ancestry(checkpoint, metadata, fs, root))
+            metadata = logical_metadata(metadata, link)
         # Keys from the metadata's own manifest ("<rank>/<key>/..."): get_manifest() would
         # deep-copy every entry first (1.1 s for 5,000 tensors).
-        manifest = snapshot.metadata.manifest
+        manifest = metadata.manifest
         saved_keys = {path.split("/")[1] for path in manifest if path.count("/") >= 1}
+        saved_keys.discard(DELTA_ROOT)
         missing = [key for key in wanted if key not in saved_keys and key != EXTRA_STATE]
         if missing:
             raise CheckpointMismatchError(
@@ -464,8 +556,14 @@ class Snapshot:
         saved_extra = StateDict()
         if EXTRA_STATE in wanted and EXTRA_STATE in saved_keys:
             app_state[EXTRA_STATE] = saved_extra
-        check_restore_shapes(snapshot.metadata, app_state, checkpoint)  # before any byte lands
-        if not self._restore_in_place(checkpoint, snapshot.metadata, app_state, verify):
+        check_restore_shapes(metadata, app_state, checkpoint)  # before any byte lands
+        if not self._restore_in_place(checkpoint, metadata, app_state, verify, chained):
+            if chained:
+                raise SnapshotStateError(
+                    f"{checkpoint} is a delta checkpoint, which restores only into plain CPU "
+                    "tensors of one process; materialize it first (`tml checkpoints "
+                    "materialize`) to restore it another way"
+                )
             snapshot.restore(app_state)
         if EXTRA_STATE in wanted:
             self.step = int(saved_extra.get("step", step_from_checkpoint(checkpoint)))
@@ -473,28 +571,35 @@ class Snapshot:
         logger.info("Restored %s in %.3fs.", checkpoint, time.monotonic() - started)
 
     def _restore_in_place(
-        self, checkpoint: str, metadata: Any, app_state: dict[str, Any], verify: VerifyLevel
+        self,
+        checkpoint: str,
+        metadata: Any,
+        app_state: dict[str, Any],
+        verify: VerifyLevel,
+        chained: dict[str, ChainedTensor] | None,
     ) -> bool:
-        """The fast path (:mod:`~tml_checkpointing.fast_restore`) when it applies."""
+        """The fast path (:mod:`~tml_checkpointing.fast_restore`) when it applies (a delta
+        checkpoint takes it on any filesystem: it is the only path that follows chains)."""
         fs, directory = resolve(checkpoint, self.storage_options)
-        if not is_local(fs):
+        if not is_local(fs) and not chained:
             return False
-        plan = plan_restore(metadata, app_state)
+        plan = plan_restore(metadata, app_state, directory.rstrip("/"), chained)
         if plan is None:
             return False
-        sidecar = None
+        sidecars: dict[str, Sidecar | None] = {}
         if verify == "full":
-            try:
-                sidecar = read_sidecar(fs, directory, checkpoint)
-            except SidecarFormatError as error:
-                raise CorruptCheckpointError(
-                    f"checkpoint {checkpoint} is corrupt: {INTEGRITY_SIDECAR}: {error}",
-                    checkpoint=checkpoint,
-                    path=INTEGRITY_SIDECAR,
-                ) from error
-        if not can_verify(plan, sidecar):
+            for root in plan.directories:
+                try:
+                    sidecars[root] = read_sidecar(fs, root, checkpoint)
+                except SidecarFormatError as error:
+                    raise CorruptCheckpointError(
+                        f"checkpoint {checkpoint} is corrupt: {root}/{INTEGRITY_SIDECAR}: {error}",
+                        checkpoint=checkpoint,
+                        path=INTEGRITY_SIDECAR,
+                    ) from error
+        if not can_verify(plan, sidecars):
             return False
-        run_restore(plan, app_state, fs, directory, sidecar, checkpoint)
+        run_restore(plan, app_state, fs, sidecars, checkpoint)
         return True
 
     # -- reading without a training state --------------------------------------------------
@@ -536,6 +641,11 @@ class Snapshot:
         whole from every rank's shards into ``weight_tensor``; no process group is needed.
         """
         tensors = _tensor_entries(torch_snapshot.get_manifest())
+        checkpoint = torch_snapshot.path.removeprefix(f"{TRANSPORT_SCHEME}://")
+        link = link_of(torch_snapshot.metadata, checkpoint)
+        chained = {t.path for t in link.tensors} if link is not None and link.is_delta else set()
+        tensors.update({path: (f"0/{path}", []) for path in chained})
+        tensors = {path: found for path, found in tensors.items() if not _is_delta_part(path)}
         exact = snapshot_emb_name.strip("/")
         if exact in tensors:
             chosen = exact
@@ -556,9 +666,36 @@ class Snapshot:
                 f"has shape {list(weight_tensor.shape)}"
             )
         started = time.monotonic()
-        with reading(f"{chosen} of snapshot {torch_snapshot.path}"):
-            torch_snapshot.read_object(ranked, obj_out=weight_tensor)
+        with reading(f"{chosen} of snapshot {checkpoint}"):
+            if chosen in chained:
+                options = dict(getattr(torch_snapshot, "_storage_options", None) or {})
+                options.pop(VERIFY_READS_OPTION, None)
+                _read_chained(checkpoint, chosen, weight_tensor, options)
+            else:
+                torch_snapshot.read_object(ranked, obj_out=weight_tensor)
         logger.info("Loaded %s in %.3fs.", chosen, time.monotonic() - started)
+
+
+def _read_chained(
+    checkpoint: str, path: str, out: torch.Tensor, storage_options: StorageOptions
+) -> None:
+    """One tensor of a delta checkpoint, rebuilt from its chain, every byte verified."""
+    fs, root = resolve(checkpoint, storage_options)
+    metadata, why = read_metadata(fs, root.rstrip("/"), checkpoint)
+    if metadata is None:
+        raise CorruptCheckpointError(
+            f"checkpoint {checkpoint} is corrupt: {why}", checkpoint=checkpoint, path=path
+        )
+    chained = chained_tensors(ancestry(checkpoint, metadata, fs, root))[path]
+    sidecars: dict[str, Sidecar | None] = {}
+    for ancestor in [chained.base[0], *(delta[0] for delta in chained.deltas)]:
+        if ancestor.root not in sidecars:
+            sidecars[ancestor.root] = read_sidecar(fs, ancestor.root, checkpoint)
+    read_chained_tensor(fs, chained, out, sidecars, checkpoint)
+
+
+def _is_delta_part(path: str) -> bool:
+    return path == DELTA_ROOT or path.startswith(f"{DELTA_ROOT}/")
 
 
 _TENSOR_ENTRY_TYPES = {"Tensor", "ShardedTensor", "ChunkedTensor", "DTensor"}

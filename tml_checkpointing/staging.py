@@ -19,6 +19,7 @@ quantized tensors return ``None`` and the save goes through torchsnapshot as bef
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import uuid
@@ -35,6 +36,20 @@ from torchsnapshot.io_preparer import PrimitivePreparer
 from torchsnapshot.manifest import Entry, ObjectEntry, SnapshotMetadata, TensorEntry
 from torchsnapshot.serialization import BUFFER_PROTOCOL_SUPPORTED_DTYPES, dtype_to_string
 
+from .incremental import (
+    CHAIN_ENTRY,
+    MAX_CHAIN_FRACTION,
+    MIN_CHAINED_BYTES,
+    ChainLink,
+    DeltaTensor,
+    changed_rows,
+    delta_rows_path,
+    delta_values_path,
+    is_chainable,
+    new_link_id,
+    row_bytes,
+)
+
 ALIGNMENT = 4096  # every tensor starts on a page: direct I/O and page-sized reads stay aligned
 
 
@@ -47,6 +62,11 @@ class TensorSlot:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    rows_offset: int = -1  # chained (incremental): where its changed-row indices are staged
+
+    @property
+    def chained(self) -> bool:
+        return self.rows_offset >= 0
 
 
 @dataclass
@@ -54,8 +74,27 @@ class SavePlan:
     """The state's tensors laid out in one block; reused while the layout does not change."""
 
     slots: list[TensorSlot]
-    size: int  # bytes of the block (and of the data file), aligned
+    size: int  # bytes of the block, aligned
     key: tuple[tuple[str, str, tuple[int, ...]], ...] = field(repr=False)
+    # The data file of a full save is the block's first ``full_size`` bytes; a delta save
+    # writes the first ``dense_size`` (the tensors that are never chained come first).
+    full_size: int = 0
+    dense_size: int = 0
+
+    @property
+    def chained(self) -> list[TensorSlot]:
+        return [slot for slot in self.slots if slot.chained]
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Changed rows of one chained tensor, for the writer to gather from the staging block
+    into the delta file: ``count`` int64 indices at ``rows_offset``, then the rows."""
+
+    slot_offset: int
+    row_bytes: int
+    rows_offset: int
+    count: int
 
 
 @dataclass
@@ -66,6 +105,18 @@ class StagedSave:
     data_size: int
     objects: dict[str, bytes]  # relative location -> torch_save bytes
     metadata: str  # the commit marker's content (torchsnapshot metadata, YAML/JSON)
+    delta_file: str = ""  # a delta save: where the changed rows go
+    gathers: list[Gather] = field(default_factory=list)
+    link: ChainLink | None = None  # an incremental save's place in its chain
+
+
+@dataclass(frozen=True)
+class ChainRequest:
+    """How an incremental save relates to its chain, decided by the Snapshot before staging."""
+
+    parent: str | None  # step name of the committed parent; None: write a full checkpoint
+    parent_link: ChainLink | None
+    full_every: int
 
 
 def flatten_state(app_state: Mapping[str, Any]) -> tuple[dict[str, Entry], dict[str, Any]]:
@@ -94,21 +145,45 @@ def flatten_state(app_state: Mapping[str, Any]) -> tuple[dict[str, Entry], dict[
     return manifest, leaves
 
 
-def plan_save(leaves: Mapping[str, Any]) -> SavePlan | None:
-    """The block layout for ``leaves``' tensors, or ``None`` if some leaf needs torchsnapshot."""
-    slots: list[TensorSlot] = []
-    offset = 0
+def plan_save(
+    leaves: Mapping[str, Any], incremental: bool = False, min_chained_bytes: int = MIN_CHAINED_BYTES
+) -> SavePlan | None:
+    """The block layout for ``leaves``' tensors, or ``None`` if some leaf needs torchsnapshot.
+
+    ``incremental``: large row-shaped tensors (:func:`~tml_checkpointing.incremental
+    .is_chainable`) go after all the others, each with room for its changed-row indices at
+    the end of the block, so a delta save writes one prefix of the block plus the rows.
+    """
+    tensors: list[tuple[str, torch.Tensor]] = []
     for path, value in leaves.items():
         if isinstance(value, torch.Tensor):
             if not _stageable(value):
                 return None
-            nbytes = value.numel() * value.element_size()
-            slots.append(TensorSlot(path, value.dtype, tuple(value.shape), offset, nbytes))
-            offset += _aligned(nbytes)
+            tensors.append((path, value))
         elif _needs_torchsnapshot(value):
             return None
-    key = tuple((s.path, str(s.dtype), s.shape) for s in slots)
-    return SavePlan(slots=slots, size=max(offset, ALIGNMENT), key=key)
+    chained = {
+        path for path, value in tensors if incremental and is_chainable(value, min_chained_bytes)
+    }
+    slots: list[TensorSlot] = []
+    offset = 0
+    for path, value in sorted(tensors, key=lambda item: item[0] in chained):  # stable
+        nbytes = value.numel() * value.element_size()
+        slots.append(TensorSlot(path, value.dtype, tuple(value.shape), offset, nbytes))
+        offset += _aligned(nbytes)
+    dense_size = sum(_aligned(s.nbytes) for s in slots if s.path not in chained)
+    full_size = offset
+    for index, slot in enumerate(slots):
+        if slot.path in chained:
+            slots[index] = dataclasses.replace(slot, rows_offset=offset)
+            offset += _aligned(slot.shape[0] * 8)
+    return SavePlan(
+        slots=slots,
+        size=max(offset, ALIGNMENT),
+        key=plan_key(leaves),
+        full_size=max(full_size, ALIGNMENT),
+        dense_size=dense_size,
+    )
 
 
 BLOCK_PREFIX = "tml-staging-"  # + owner pid + random: tml-staging-<pid>-<hex>
@@ -202,19 +277,32 @@ class StagingArea:
         return self.memory.name
 
     def stage(
-        self, containers: Mapping[str, Entry], leaves: Mapping[str, Any], rank: int = 0
+        self,
+        containers: Mapping[str, Entry],
+        leaves: Mapping[str, Any],
+        rank: int = 0,
+        chain: ChainRequest | None = None,
     ) -> StagedSave:
         """Copy the tensors in (the caller may change them as soon as this returns) and
-        describe everything else; ``containers`` and ``leaves`` come from :func:`flatten_state`."""
+        describe everything else; ``containers`` and ``leaves`` come from :func:`flatten_state`.
+
+        ``chain`` (incremental saves): with a parent, each chained tensor is compared with its
+        staged copy (the parent's values) and only the changed rows are copied and written;
+        the save is full instead when those rows would take the chain past
+        :data:`~tml_checkpointing.incremental.MAX_CHAIN_FRACTION` of a full checkpoint.
+        """
         # A fresh name per attempt, as torchsnapshot names its batched files: a writer of an
         # earlier, killed attempt at the same step can never write into this attempt's file.
         data_file = f"batched/{uuid.uuid4()}"
         manifest: dict[str, Entry] = dict(containers)
         objects: dict[str, bytes] = {}
+        changed = self._stage_chained(leaves, chain) if chain and chain.parent else None
         for path, value in leaves.items():
             if isinstance(value, torch.Tensor):
-                self._views[path].copy_(value.detach())
                 slot = self._slots[path]
+                if changed is not None and slot.chained:
+                    continue  # its changed rows were staged above; described below
+                self._views[path].copy_(value.detach())
                 manifest[path] = TensorEntry(
                     location=data_file,
                     serializer="buffer_protocol",
@@ -234,16 +322,99 @@ class StagingArea:
                 manifest[path] = ObjectEntry(
                     location=location, serializer="torch_save", obj_type=obj_type, replicated=False
                 )
-        return StagedSave(
+        staged = StagedSave(
             data_file=data_file,
-            data_size=self.plan.size,
+            data_size=self.plan.full_size if chain else self.plan.size,
             objects=objects,
-            metadata=SnapshotMetadata(
-                version=torchsnapshot.__version__,
-                world_size=1,
-                manifest={f"{rank}/{path}": entry for path, entry in manifest.items()},
-            ).to_yaml(),
+            metadata="",
         )
+        if chain is not None:
+            self._describe_chain(staged, manifest, chain, changed)
+        staged.metadata = SnapshotMetadata(
+            version=torchsnapshot.__version__,
+            world_size=1,
+            manifest={f"{rank}/{path}": entry for path, entry in manifest.items()},
+        ).to_yaml()
+        return staged
+
+    def _stage_chained(
+        self, leaves: Mapping[str, Any], chain: ChainRequest
+    ) -> dict[str, torch.Tensor] | None:
+        """Stage the changed rows of every chained tensor; ``{path: row indices}``, or
+        ``None`` when a full save is due (then everything was copied in whole)."""
+        changed: dict[str, torch.Tensor] = {}
+        delta_bytes = 0
+        for slot in self.plan.chained:
+            value, staged = leaves[slot.path].detach(), self._views[slot.path]
+            rows = changed_rows(value, staged)
+            if rows.numel():
+                staged.index_copy_(0, rows, value.index_select(0, rows))
+            changed[slot.path] = rows
+            delta_bytes += rows.numel() * (8 + row_bytes(slot.shape, value.element_size()))
+        parent = chain.parent_link
+        assert parent is not None
+        budget = MAX_CHAIN_FRACTION * parent.full_bytes
+        if parent.depth + 1 >= chain.full_every or parent.chain_bytes + delta_bytes > budget:
+            return None  # the staged copies are current: the full save writes them as they are
+        for slot in self.plan.chained:
+            rows = changed[slot.path]
+            self._rows_view(slot)[: rows.numel()].copy_(rows)
+        return changed
+
+    def _rows_view(self, slot: TensorSlot) -> torch.Tensor:
+        block = torch.frombuffer(self.memory.buf, dtype=torch.uint8, count=self.plan.size)
+        return block[slot.rows_offset : slot.rows_offset + slot.shape[0] * 8].view(torch.int64)
+
+    def _describe_chain(
+        self,
+        staged: StagedSave,
+        manifest: dict[str, Entry],
+        chain: ChainRequest,
+        changed: dict[str, torch.Tensor] | None,
+    ) -> None:
+        """Add the chain link (and, for a delta, the rows/values entries) to the manifest."""
+        full_bytes = sum(slot.nbytes for slot in self.plan.slots)
+        parent = chain.parent_link
+        if changed is None or parent is None:
+            staged.link = ChainLink(
+                id=new_link_id(),
+                parent=None,
+                parent_id=None,
+                depth=0,
+                written_bytes=full_bytes,
+                full_bytes=full_bytes,
+                chain_bytes=0,
+            )
+            manifest[CHAIN_ENTRY] = staged.link.entry()
+            return
+        staged.delta_file = f"delta/{uuid.uuid4()}"
+        staged.data_size = self.plan.dense_size
+        offset, tensors = 0, []
+        for index, slot in enumerate(self.plan.chained):
+            rows = changed[slot.path]
+            count, width = rows.numel(), row_bytes(slot.shape, slot.dtype.itemsize)
+            staged.gathers.append(Gather(slot.offset, width, slot.rows_offset, count))
+            manifest[delta_rows_path(index)] = _tensor_entry(
+                staged.delta_file, torch.int64, [count], offset
+            )
+            offset += count * 8
+            manifest[delta_values_path(index)] = _tensor_entry(
+                staged.delta_file, slot.dtype, [count, *slot.shape[1:]], offset
+            )
+            offset += count * width
+            tensors.append(DeltaTensor(slot.path, dtype_to_string(slot.dtype), slot.shape, count))
+        dense_bytes = sum(slot.nbytes for slot in self.plan.slots if not slot.chained)
+        staged.link = ChainLink(
+            id=new_link_id(),
+            parent=chain.parent,
+            parent_id=parent.id,
+            depth=parent.depth + 1,
+            written_bytes=dense_bytes + offset,
+            full_bytes=full_bytes,
+            chain_bytes=parent.chain_bytes + offset,
+            tensors=tuple(tensors),
+        )
+        manifest[CHAIN_ENTRY] = staged.link.entry()
 
     def close(self) -> None:
         """Free the block now (the writer process unmaps its own mapping on its next command)."""
@@ -260,6 +431,20 @@ def _free_block(memory: shared_memory.SharedMemory, on_free: Callable[[str], Non
         memory.close()
     if on_free is not None:
         on_free(memory.name)
+
+
+def _tensor_entry(location: str, dtype: torch.dtype, shape: list[int], start: int) -> TensorEntry:
+    nbytes = dtype.itemsize
+    for size in shape:
+        nbytes *= size
+    return TensorEntry(
+        location=location,
+        serializer="buffer_protocol",
+        dtype=dtype_to_string(dtype),
+        shape=shape,
+        replicated=False,
+        byte_range=[start, start + nbytes],
+    )
 
 
 def _aligned(nbytes: int) -> int:

@@ -4,7 +4,8 @@ Started by :class:`~tml_checkpointing.writer_process.WriterProcess` as
 ``python -m tml_checkpointing.writer_main``; speaks JSON lines on stdin/stdout:
 
 * in: ``{"op": "save", "url": ..., "storage_options": ..., "shm": NAME, "data_file": REL,
-  "data_size": N, "objects": {REL: base64}, "metadata": YAML, "environ": {...}}``,
+  "data_size": N, "objects": {REL: base64}, "metadata": YAML, "environ": {...}}`` (a delta
+  save also ``"delta": {"file": REL, "gathers": [...]}``, see :mod:`.staged_write`),
   or ``{"op": "exit"}``; any command may list ``"forget": [NAME, ...]``, staging blocks the
   training process freed (unmapped here first);
 * out, during a save: ``{"event": NAME, "fields": {...}}`` for each commit-protocol event,
@@ -24,7 +25,6 @@ uncommitted (no marker), as after any crash, unless it was already past its last
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -34,6 +34,7 @@ from multiprocessing import resource_tracker, shared_memory
 from typing import Any, TextIO
 
 from . import events
+from .staged_write import write_staged
 from .storage_plugin import FsspecStoragePlugin
 
 WRITER_NICENESS = 5
@@ -104,11 +105,7 @@ def _save(
         os.environ.update(command["environ"])
     plugin = FsspecStoragePlugin(command["url"], command["storage_options"])
     plugin.before_marker = relay.check
-    with _attach(command["shm"], blocks)[: command["data_size"]] as data:
-        plugin._write_data(command["data_file"], data)
-    for location, encoded in command["objects"].items():
-        plugin._write_data(location, base64.b64decode(encoded))
-    plugin._commit(command["metadata"].encode())
+    write_staged(plugin, _attach(command["shm"], blocks), command)
 
 
 def _errno(error: BaseException | None) -> int | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import dataclasses
 import json
 import os
 import signal
@@ -86,19 +87,7 @@ class WriterProcess:
         area: StagingArea,
         staged: StagedSave,
     ) -> WriterSave:
-        command = {
-            "op": "save",
-            "url": url,
-            "storage_options": dict(storage_options),
-            "shm": area.name,
-            "data_file": staged.data_file,
-            "data_size": staged.data_size,
-            "objects": {k: base64.b64encode(v).decode() for k, v in staged.objects.items()},
-            "metadata": staged.metadata,
-            # Credentials and endpoints (AWS_*, ...) as the training process has them now:
-            # the writer may have started before they were set.
-            "environ": dict(os.environ),
-        }
+        command = save_command(url, storage_options, area, staged)
         return WriterSave(self, command, save_dir, area)
 
     def exchange(self, command: dict[str, Any], on_event: Any) -> None:
@@ -185,6 +174,31 @@ class WriterProcess:
                 preexec_fn=_ignore_stop_signals,  # from its first instruction on
             )
         return self._process
+
+
+def save_command(
+    url: str, storage_options: StorageOptions, area: StagingArea, staged: StagedSave
+) -> dict[str, Any]:
+    """The JSON command for one staged save (see :mod:`~tml_checkpointing.writer_main`)."""
+    command: dict[str, Any] = {
+        "op": "save",
+        "url": url,
+        "storage_options": dict(storage_options),
+        "shm": area.name,
+        "data_file": staged.data_file,
+        "data_size": staged.data_size,
+        "objects": {k: base64.b64encode(v).decode() for k, v in staged.objects.items()},
+        "metadata": staged.metadata,
+        # Credentials and endpoints (AWS_*, ...) as the training process has them now:
+        # the writer may have started before they were set.
+        "environ": dict(os.environ),
+    }
+    if staged.delta_file:
+        command["delta"] = {
+            "file": staged.delta_file,
+            "gathers": [dataclasses.asdict(gather) for gather in staged.gathers],
+        }
+    return command
 
 
 def _ignore_stop_signals() -> None:
