@@ -101,12 +101,17 @@ def _train(args: argparse.Namespace) -> int:
         evaluator_timeout=args.evaluator_timeout,
         keep_last=args.keep_last,
         keep_every_steps=args.keep_every_steps,
+        incremental=args.incremental,
         allow_changed_config=args.allow_changed_config,
         nproc_per_node=args.nproc_per_node,
         nnodes=args.nnodes,
         node_rank=args.node_rank,
         rdzv_endpoint=args.rdzv_endpoint,
     )
+    # Not given: the flow's defaults (not imported here, see the imports above).
+    for name in ("full_every", "incremental_min_bytes"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
     # A start that cannot work fails here, in a second, before Prefect starts (the flow checks
     # again, for runs started from deployments). Nothing is written either way.
     config = train_config(**{k: v for k, v in params.items() if k not in FLOW_ONLY_PARAMETERS})
@@ -241,6 +246,19 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--evaluator-timeout", type=_positive_float, default=600.0)
     train.add_argument("--keep-last", type=positive_int, default=None, help="retention")
     train.add_argument("--keep-every-steps", type=positive_int, default=None, help="milestones")
+    incremental = train.add_argument_group("incremental checkpoints (see docs/incremental.md)")
+    incremental.add_argument(
+        "--incremental", action="store_true",
+        help="large tensors (embedding tables) save only the rows changed since the last save",
+    )  # fmt: skip
+    incremental.add_argument(
+        "--full-every", type=positive_int, default=None,
+        help="every N-th save is a full checkpoint that starts a new chain (default 10)",
+    )  # fmt: skip
+    incremental.add_argument(
+        "--incremental-min-bytes", type=positive_int, default=None,
+        help="tensors at least this large (bytes) are saved as changed rows (default 1 MiB)",
+    )  # fmt: skip
     train.add_argument(
         "--allow-changed-config", action="store_true",
         help="resume with other recipe/seed/batch size/steps per epoch/lr/world size than "

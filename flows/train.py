@@ -28,6 +28,7 @@ from recipes.base import DEFAULT_RECIPE
 from tasks.training import DEFAULT_TASK_RETRIES, train_epoch_task
 from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_finish
 from tml_checkpointing.errors import PreemptedError
+from tml_checkpointing.incremental import DEFAULT_FULL_EVERY, MIN_CHAINED_BYTES
 from tml_checkpointing.locking import WriterLock
 from tml_checkpointing.preemption import PreemptionGuard
 from training.config import TrainConfig
@@ -69,6 +70,9 @@ def train(
     evaluator_timeout: float = 600,
     keep_last: int | None = None,
     keep_every_steps: int | None = None,
+    incremental: bool = False,
+    full_every: int = DEFAULT_FULL_EVERY,
+    incremental_min_bytes: int = MIN_CHAINED_BYTES,
     allow_changed_config: bool = False,
     nproc_per_node: int = 1,
     nnodes: int = 1,
@@ -82,8 +86,11 @@ def train(
     ``wait_for_evaluators``: partitions whose evaluators must mark the final checkpoint done
     before the run ends (waits at most ``evaluator_timeout`` s; the result says who finished).
     ``keep_last`` / ``keep_every_steps``: retention after each epoch (checkpoints the awaited
-    evaluators have not finished are kept). On SIGTERM/SIGINT/SIGUSR1 the step in progress is
-    checkpointed and the process exits with 128 + signum (the flow run ends Crashed).
+    evaluators have not finished are kept). ``incremental``: large tensors (at least
+    ``incremental_min_bytes``) save only the rows that changed since the previous save, every
+    ``full_every``-th save is full (see docs/incremental.md). On SIGTERM/SIGINT/SIGUSR1 the
+    step in progress is checkpointed and the process exits with 128 + signum (the flow run
+    ends Crashed).
     A run's parameters are recorded in ``<save_dir>/run.json`` at its first start; resuming
     with other values of recipe, seed, batch_size, steps_per_epoch, lr or world size (ranks per
     node times nodes), or fewer epochs, is
@@ -110,6 +117,9 @@ def train(
         fail_at_step=fail_at_step,
         keep_last=keep_last,
         keep_every_steps=keep_every_steps,
+        incremental=incremental,
+        full_every=full_every,
+        incremental_min_bytes=incremental_min_bytes,
         wait_for_evaluators=wait_for_evaluators,
         nproc_per_node=nproc_per_node,
         nnodes=nnodes,

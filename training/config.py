@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recipes.base import DEFAULT_RECIPE, RecipeParams
+from tml_checkpointing.incremental import DEFAULT_FULL_EVERY, MIN_CHAINED_BYTES
 
 
 class TrainConfig(BaseModel):
@@ -34,6 +35,18 @@ class TrainConfig(BaseModel):
     )
     keep_until_evaluated: tuple[str, ...] = Field(
         default=(), description="retention: keep checkpoints until these partitions evaluated them"
+    )
+    incremental: bool = Field(
+        default=False,
+        description="incremental checkpoints: large tensors save only the rows that changed",
+    )
+    full_every: int = Field(
+        default=DEFAULT_FULL_EVERY, ge=1, description="incremental: every N-th save is full"
+    )
+    incremental_min_bytes: int = Field(
+        default=MIN_CHAINED_BYTES,
+        ge=1,
+        description="incremental: tensors at least this large (bytes) save changed rows only",
     )
     nproc_per_node: int = Field(
         default=1, ge=1, description="ranks per machine (>1: each epoch runs under torchrun)"

@@ -57,6 +57,9 @@ class TrainingSession:
             self.config.save_dir,
             {"model": self.recipe.model, "optimizer": self.recipe.optimizer, "rng": RNGState()},
             storage_options=self.config.storage_options,
+            incremental=self.config.incremental,
+            full_every=self.config.full_every,
+            min_chained_bytes=self.config.incremental_min_bytes,
         )
         self._built_hyperparameters = [
             copy.deepcopy({key: value for key, value in group.items() if key != "params"})
