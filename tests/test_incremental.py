@@ -9,6 +9,7 @@ must be named, never restored wrong.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import fsspec
@@ -17,15 +18,18 @@ import torch
 import torchsnapshot
 
 from tml_checkpointing import (
+    CheckpointExistsError,
     CorruptCheckpointError,
     RetentionPolicy,
     Snapshot,
     get_checkpoints,
     get_latest_valid_checkpoint,
+    materialize,
     prune,
     verify_checkpoint,
 )
 from tml_checkpointing.chains import read_chain_link
+from tml_checkpointing.cli import main
 from tml_checkpointing.discovery import CheckpointPath
 from tml_checkpointing.errors import InvalidArgumentError, SnapshotStateError
 from tml_checkpointing.filesystem import resolve
@@ -245,3 +249,63 @@ def test_bad_incremental_arguments_are_named(tmp_path: Any) -> None:
         Snapshot(str(tmp_path), incremental=True, min_chained_bytes=0)
     fs, _ = resolve(str(tmp_path))
     assert fs.ls(str(tmp_path)) == []  # nothing written
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
+    code = main([*argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_the_cli_shows_chains_and_materializes_a_delta(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_dir = str(tmp_path / "run")
+    saved = save_chain(save_dir, steps=3)
+    code, rows = run_json(capsys, "checkpoints", "list", save_dir)
+    assert code == 0
+    chains = {row["step"]: row["chain"] for row in rows}
+    assert chains[1]["delta"] is False and chains[3] == {
+        **chains[3],
+        "delta": True,
+        "parent": "2",
+        "depth": 2,
+    }
+    assert all(row["size"] < row["logical_size"] / 4 for row in rows if row["step"] > 1)
+
+    code, described = run_json(capsys, "checkpoints", "inspect", f"{save_dir}/3")
+    assert code == 0
+    assert described["chain"]["base"] == f"{save_dir}/1"
+    assert described["chain"]["plain_torchsnapshot_restore"] is False
+    table = next(e for e in described["entries"] if e["name"] == "0/model/table.weight")
+    assert table["shape"] == [ROWS, DIM] and "chain" in table["type"]
+    assert not any("tml_delta" in e["name"] for e in described["entries"])
+
+    plain = str(tmp_path / "plain" / "3")
+    code, written = run_json(capsys, "checkpoints", "materialize", f"{save_dir}/3", plain)
+    assert code == 0 and written["destination"] == plain
+    state = make_state(seed=77)
+    torchsnapshot.Snapshot(plain).restore({"model": state["model"]})  # no chain needed
+    assert_same(snapshot_of(state), saved[3]["tensors"])
+    assert verify_checkpoint(plain, level="full").status == "valid"
+    with pytest.raises(CheckpointExistsError):
+        materialize(f"{save_dir}/3", plain)
+
+    code, pruned = run_json(capsys, "checkpoints", "prune", save_dir, "--keep-last", "1")
+    assert code == 0 and pruned["deleted"] == []  # 1 and 2 are the chain of 3
+    assert {k["step"]: k["reasons"] for k in pruned["keep"]}[1] == [
+        "base of the kept delta checkpoint 3"
+    ]
+
+
+def test_prune_reports_the_bytes_it_freed(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_dir = str(tmp_path / "run")
+    save_chain(save_dir, steps=6, full_every=3)  # chains 1-3 and 4-6
+    sizes = {s: fsspec.filesystem("file").du(f"{save_dir}/{s}") for s in (1, 2, 3)}
+    code, pruned = run_json(capsys, "checkpoints", "prune", save_dir, "--keep-last", "1")
+    assert code == 0
+    assert sorted(pruned["deleted"]) == [f"{save_dir}/{s}" for s in (1, 2, 3)]
+    assert pruned["freed_bytes"] == sum(sizes.values())
+    for step in (4, 5, 6):
+        assert verify_checkpoint(f"{save_dir}/{step}", level="full").status == "valid"

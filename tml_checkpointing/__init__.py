@@ -73,6 +73,7 @@ from .events import (
 from .filesystem import infer_fs, join_url
 from .integrity import VerifyReport, get_latest_valid_checkpoint, verify_checkpoint
 from .locking import WriterLock
+from .materialize import materialize
 from .preemption import PreemptionGuard, save_final_checkpoint
 from .retention import PruneResult, RetentionPlan, RetentionPolicy, plan_retention, prune
 from .snapshot import PendingSave, Snapshot
@@ -140,6 +141,7 @@ __all__ = [
     "join_url",
     "list_checkpoints",
     "mark_done_eval",
+    "materialize",
     "plan_retention",
     "prune",
     "quarantine_checkpoint",

@@ -40,6 +40,7 @@ from rich.table import Table
 from torchsnapshot.manifest import ShardedTensorEntry
 
 from . import __version__
+from .chains import ancestry, link_of, logical_metadata, read_chain_link
 from .cleanup import IncompleteCheckpoint, clean_incomplete, find_incomplete, scan_incomplete
 from .discovery import is_committed, non_canonical_entries, scan_checkpoints
 from .errors import (
@@ -53,8 +54,10 @@ from .errors import (
 from .evaluation import evaluated_partitions
 from .faults import is_storage_fault
 from .filesystem import basename, invalidate_listing, require_bucket, resolve
+from .incremental import DELTA_ROOT, ChainLink
 from .integrity import VerifyReport, read_metadata, verify_checkpoint
 from .layout import COMMIT_MARKER
+from .materialize import materialize
 from .retention import RetentionPlan, RetentionPolicy, assert_save_dir, prune
 
 EXIT_OK = 0
@@ -202,14 +205,17 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
         if entry.committed:
             try:
                 report = verify_checkpoint(entry.path, level="size", raise_on_corrupt=False)
+                link = read_chain_link(entry.path)
                 row.update(
                     state=report.status,
                     size=report.total_bytes,
+                    logical_size=link.full_bytes if link is not None else None,
+                    chain=_chain_summary(link),
                     age_s=None if report.newest_mtime is None else now - report.newest_mtime,
                     problems=[str(p) for p in report.problems],
                 )
             except CheckpointNotFoundError:  # pruned between the listing and now
-                row.update(state="incomplete", size=None, age_s=None, problems=[])
+                row.update(state="incomplete", size=None, age_s=None, problems=[], chain=None)
             row["evaluated_by"] = evaluated_partitions(entry.path)
         else:
             stale: IncompleteCheckpoint | None = incomplete.get(entry.step)
@@ -219,6 +225,7 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
                 age_s=stale.age_s if stale else None,
                 problems=[],
                 evaluated_by=[],
+                chain=None,
             )
         rows.append(row)
 
@@ -226,8 +233,9 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
 
     def render() -> None:
         table = Table(title=f"checkpoints in {args.save_dir}")
-        for column in ("step", "state", "size", "age", "evaluated by", "path"):
-            table.add_column(column, justify="right" if column in ("step", "size") else "left")
+        columns = ("step", "state", "size", "logical", "chain", "age", "evaluated by", "path")
+        for column in columns:
+            table.add_column(column, justify="right" if column in SIZE_COLUMNS else "left")
         colour = {"valid": "green", "unverified": "yellow", "corrupt": "bold red"}
         for row in rows:
             state = row["state"]
@@ -235,6 +243,8 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
                 str(row["step"]),
                 f"[{colour.get(state, 'dim')}]{state}[/]",
                 format_bytes(row["size"]),
+                format_bytes(row.get("logical_size") or row["size"]),
+                _chain_text(row["chain"]),
                 format_age(row["age_s"]),
                 ", ".join(row["evaluated_by"]),
                 row["path"],
@@ -253,6 +263,28 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SIZE_COLUMNS = ("step", "size", "logical")
+
+
+def _chain_summary(link: ChainLink | None) -> dict[str, Any] | None:
+    """What ``list``/``inspect`` say about a checkpoint's place in an incremental chain."""
+    if link is None:
+        return None
+    return {
+        "delta": link.is_delta,
+        "parent": link.parent,
+        "depth": link.depth,
+        "written_bytes": link.written_bytes,
+        "logical_bytes": link.full_bytes,
+    }
+
+
+def _chain_text(chain: dict[str, Any] | None) -> str:
+    if chain is None:
+        return ""
+    return f"delta of {chain['parent']}" if chain["delta"] else "full"
+
+
 # -- inspect ---------------------------------------------------------------------------------------
 
 
@@ -267,14 +299,26 @@ def _checkpoints_inspect(args: argparse.Namespace) -> int:
             path=COMMIT_MARKER,
         )
     report = verify_checkpoint(args.checkpoint, level="size", raise_on_corrupt=False)
-    entries = [_describe_entry(name, entry) for name, entry in _merge_shards(metadata.manifest)]
-    entries = [e for e in entries if e["type"] not in ("dict", "list", "OrderedDict")]
+    link = link_of(metadata, args.checkpoint)
+    chained = {f"0/{t.path}" for t in link.tensors} if link is not None else set()
+    logical = logical_metadata(metadata, link)
+    entries = [_describe_entry(name, entry) for name, entry in _merge_shards(logical.manifest)]
+    entries = [
+        {**e, "type": "Tensor (rows over a chain)" if e["name"] in chained else e["type"]}
+        for e in entries
+        if e["type"] not in ("dict", "list", "OrderedDict") and not _is_chain_part(e["name"])
+    ]
+    chain = _chain_summary(link)
+    if chain is not None and link is not None:
+        chain["base"] = _chain_base(args.checkpoint, metadata, link)
+        chain["plain_torchsnapshot_restore"] = not link.is_delta
     payload = {
         "checkpoint": args.checkpoint,
         "world_size": metadata.world_size,
         "version": metadata.version,
         "entries": entries,
         "tensor_bytes": sum(e["bytes"] or 0 for e in entries),
+        "chain": chain,
         "state": report.status,
         "problems": [str(p) for p in report.problems],
     }
@@ -293,11 +337,38 @@ def _checkpoints_inspect(args: argparse.Namespace) -> int:
             )
         Console().print(table)
         Console().print(f"tensor data: {format_bytes(payload['tensor_bytes'])}")
+        if chain is not None and chain["delta"]:
+            Console().print(
+                f"incremental: {_chain_text(chain)} (depth {chain['depth']}), chain starts at "
+                f"{chain['base']}; "
+                f"wrote {format_bytes(chain['written_bytes'])} of "
+                f"{format_bytes(chain['logical_bytes'])}. Plain torchsnapshot cannot restore "
+                "it: restore with tml_checkpointing.Snapshot, or `tml checkpoints materialize`."
+            )
+        elif chain is not None:
+            Console().print("incremental: full checkpoint (starts a chain)")
         for problem in report.problems:
             _err().print(f"[bold red]corrupt[/]: {escape(str(problem))}")
 
     _emit(args, payload, render)
     return EXIT_CORRUPT if report.status == "corrupt" else EXIT_OK
+
+
+def _is_chain_part(ranked: str) -> bool:
+    logical = ranked.split("/", 1)[-1]
+    return logical == DELTA_ROOT or logical.startswith(f"{DELTA_ROOT}/")
+
+
+def _chain_base(checkpoint: str, metadata: Any, link: ChainLink) -> str | None:
+    """The full checkpoint the chain starts at (``None``: the chain is broken; verify says
+    why)."""
+    if not link.is_delta:
+        return checkpoint
+    fs, root = resolve(checkpoint)
+    try:
+        return ancestry(checkpoint, metadata, fs, root)[-1].checkpoint
+    except CorruptCheckpointError:
+        return None
 
 
 def _merge_shards(manifest: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -449,8 +520,11 @@ def _checkpoints_prune(args: argparse.Namespace) -> int:
     with _progress() as progress:
         task = progress.add_task("pruning", total=None)
 
+        sizes: dict[int, int] = {}
+
         def planned(plan: RetentionPlan) -> None:
             progress.update(task, total=0 if args.dry_run else len(plan.delete))
+            sizes.update({victim.step: _stored_bytes(victim.path) for victim in plan.delete})
 
         result = prune(
             args.save_dir,
@@ -468,8 +542,9 @@ def _checkpoints_prune(args: argparse.Namespace) -> int:
         "keep": [
             {"step": c.step, "path": c.path, "reasons": plan.reasons[c.step]} for c in plan.keep
         ],
-        "delete": [{"step": c.step, "path": c.path} for c in plan.delete],
+        "delete": [{"step": c.step, "path": c.path, "bytes": sizes[c.step]} for c in plan.delete],
         "deleted": result.deleted,
+        "freed_bytes": 0 if args.dry_run else sum(sizes.values()),
     }
 
     def render() -> None:
@@ -483,6 +558,39 @@ def _checkpoints_prune(args: argparse.Namespace) -> int:
             style = "green" if action == "keep" else "red"
             table.add_row(str(step), f"[{style}]{action}[/]", why)
         Console().print(table)
+        freed = sum(sizes.values())
+        Console().print(f"{'would free' if args.dry_run else 'freed'} {format_bytes(freed)}")
+
+    _emit(args, payload, render)
+    return EXIT_OK
+
+
+def _stored_bytes(checkpoint: str) -> int:
+    """Bytes of a checkpoint's files on storage (one listing)."""
+    fs, root = resolve(checkpoint)
+    return int(sum(info.get("size") or 0 for info in fs.find(root, detail=True).values()))
+
+
+# -- materialize -----------------------------------------------------------------------------------
+
+
+def _checkpoints_materialize(args: argparse.Namespace) -> int:
+    _require_checkpoint(args.checkpoint)
+    with _progress() as progress:
+        progress.add_task(f"materializing {args.checkpoint}", total=None)
+        written = materialize(args.checkpoint, args.destination)
+    payload = {
+        "checkpoint": args.checkpoint,
+        "destination": written,
+        "bytes": _stored_bytes(written),
+    }
+
+    def render() -> None:
+        Console().print(
+            f"wrote {escape(written)} ({format_bytes(payload['bytes'])}): a full, plain "
+            "torchsnapshot checkpoint of the state "
+            f"{escape(args.checkpoint)} restores"
+        )
 
     _emit(args, payload, render)
     return EXIT_OK
@@ -578,6 +686,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-until-evaluated", action="append", metavar="PARTITION", help="repeatable"
     )
     prune_cmd.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
+
+    materialize_cmd = command(
+        "materialize",
+        "write any checkpoint (a delta of an incremental chain too) as a full, plain one",
+        _checkpoints_materialize,
+    )
+    materialize_cmd.add_argument("checkpoint", help="a checkpoint: <save_dir>/<step>")
+    materialize_cmd.add_argument("destination", help="a new checkpoint path, e.g. <dir>/<step>")
 
     clean = command(
         "clean-incomplete",

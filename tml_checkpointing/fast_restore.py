@@ -120,12 +120,12 @@ def plan_restore(
                 plan.reads.setdefault(where, []).append(_Read(0, -1, plan.objects[path]))
             elif path in chained:
                 tensor = _target(entry, flattened.get(path))  # type: ignore[arg-type]
-                if not _plan_chained(plan, chained[path], tensor):
+                if not plan_chained(plan, chained[path], tensor):
                     return None
                 plan.values[path] = tensor
             elif type(entry) is TensorEntry and _plain(entry):
                 tensor = _target(entry, flattened.get(path))
-                if not _plan_read(plan, directory, entry, tensor):
+                if not plan_read(plan, directory, entry, tensor):
                     return None
                 plan.values[path] = tensor
             else:
@@ -133,7 +133,7 @@ def plan_restore(
     return plan
 
 
-def _plan_read(plan: RestorePlan, directory: str, entry: TensorEntry, tensor: torch.Tensor) -> bool:
+def plan_read(plan: RestorePlan, directory: str, entry: TensorEntry, tensor: torch.Tensor) -> bool:
     start, end = entry.byte_range or (0, _nbytes(tensor))
     if end - start != _nbytes(tensor):
         return False
@@ -141,14 +141,14 @@ def _plan_read(plan: RestorePlan, directory: str, entry: TensorEntry, tensor: to
     return True
 
 
-def _plan_chained(plan: RestorePlan, chained: ChainedTensor, tensor: torch.Tensor) -> bool:
+def plan_chained(plan: RestorePlan, chained: ChainedTensor, tensor: torch.Tensor) -> bool:
     """Read the tensor's whole copy from the chain's base, then patch each delta's rows."""
     base, entry = chained.base
     if not _plain(entry) or list(entry.shape) != list(tensor.shape):
         return False
     if string_to_dtype(entry.dtype) != tensor.dtype:
         return False
-    if not _plan_read(plan, base.root, entry, tensor):
+    if not plan_read(plan, base.root, entry, tensor):
         return False
     for ancestor, rows, values in chained.deltas:
         plan.patches.append(_Patch(ancestor.root, rows, values, tensor))
@@ -209,7 +209,7 @@ def read_chained_tensor(
     in_place = _lands_in(chained.base[1], out)
     landing = out.detach() if in_place else torch.empty_like(out)
     plan = RestorePlan(order=[], containers={})
-    if not _plan_chained(plan, chained, landing):
+    if not plan_chained(plan, chained, landing):
         raise ValueError(
             f"{chained.path} ({chained.base[1].dtype} {list(chained.base[1].shape)}) cannot be "
             f"read into a {out.dtype} {list(out.shape)} tensor"

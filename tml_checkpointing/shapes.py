@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torchsnapshot.flatten import flatten
 
+from .chains import link_of, logical_metadata
 from .errors import CheckpointShapeMismatchError
 from .faults import reading
 from .filesystem import StorageOptions
@@ -104,6 +105,8 @@ def check_checkpoint_fits(
         metadata = KeyFilteredSnapshot(
             transport_url(checkpoint), storage_options=dict(storage_options or {})
         ).metadata
+    # A delta checkpoint lists its chained tensors in its link, not as entries of their own.
+    metadata = logical_metadata(metadata, link_of(metadata, checkpoint))
     check_restore_shapes(metadata, state, checkpoint)
 
 
