@@ -49,11 +49,13 @@ MIN_CHAINED_ROWS = 16
 #: Default number of saves per chain: every ``full_every``-th save is a full checkpoint.
 DEFAULT_FULL_EVERY = 10
 #: A chain's deltas may add up to this fraction of a full checkpoint; the save that would
-#: pass it is a full one instead. Bounds both a restore's extra reads and what one corrupt
-#: full checkpoint can take down with it.
-MAX_CHAIN_FRACTION = 1.0
-#: Rows compared per step of :func:`changed_rows` (bounds its temporary memory).
-COMPARE_ROWS = 1 << 16
+#: pass it is a full one instead. Bounds a restore's extra reads (the newest checkpoint of a
+#: chain reads at most 1.5x the bytes of a full one) and what one corrupt full checkpoint
+#: can take down with it.
+MAX_CHAIN_FRACTION = 0.5
+#: Rows compared per step of :func:`changed_rows`: large steps (few calls, each vectorised
+#: over the cores), bounded temporary memory (one byte per 8-byte word compared).
+COMPARE_ROWS = 1 << 20
 
 
 def delta_rows_path(index: int) -> str:
@@ -181,8 +183,10 @@ def changed_rows(current: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
     found = []
     for start in range(0, new.shape[0], COMPARE_ROWS):
         stop = min(start + COMPARE_ROWS, new.shape[0])
-        differs = torch.ne(new[start:stop], old[start:stop]).any(dim=1)
-        found.append(differs.nonzero().squeeze(1) + start)
+        differs = torch.ne(new[start:stop], old[start:stop])
+        if differs.shape[1] % 8 == 0:  # 8 flags per int64: an 8x shorter reduction
+            differs = differs.view(torch.uint8).view(torch.int64)
+        found.append(differs.any(dim=1).nonzero().squeeze(1) + start)
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
 
 

@@ -342,6 +342,10 @@ class StagingArea:
     ) -> dict[str, torch.Tensor] | None:
         """Stage the changed rows of every chained tensor; ``{path: row indices}``, or
         ``None`` when a full save is due (then everything was copied in whole)."""
+        parent = chain.parent_link
+        assert parent is not None
+        if parent.depth + 1 >= chain.full_every:
+            return None  # a full save is due: no compare, every tensor is copied whole
         changed: dict[str, torch.Tensor] = {}
         delta_bytes = 0
         for slot in self.plan.chained:
@@ -351,10 +355,7 @@ class StagingArea:
                 staged.index_copy_(0, rows, value.index_select(0, rows))
             changed[slot.path] = rows
             delta_bytes += rows.numel() * (8 + row_bytes(slot.shape, value.element_size()))
-        parent = chain.parent_link
-        assert parent is not None
-        budget = MAX_CHAIN_FRACTION * parent.full_bytes
-        if parent.depth + 1 >= chain.full_every or parent.chain_bytes + delta_bytes > budget:
+        if parent.chain_bytes + delta_bytes > MAX_CHAIN_FRACTION * parent.full_bytes:
             return None  # the staged copies are current: the full save writes them as they are
         for slot in self.plan.chained:
             rows = changed[slot.path]
