@@ -40,6 +40,7 @@ from tml_checkpointing import (
     step_from_checkpoint,
     verify_checkpoint,
 )
+from tml_checkpointing.chains import read_chain_link
 from tml_checkpointing.layout import INTEGRITY_SIDECAR, is_data_file
 from training.config import TrainConfig
 
@@ -79,9 +80,14 @@ MOMENTS = (
 )
 
 
-def tml_args(save_dir: str) -> list[str]:
+# Incremental saves of the recipe: its tables, the first MLP layers and their Adam state are
+# chained (>= 16 KiB); rows no id has touched yet stay unchanged, so early saves are deltas.
+INCREMENTAL = ["--incremental", "--full-every", "3", "--incremental-min-bytes", "16384"]
+
+
+def tml_args(save_dir: str, extra: list[str] | None = None) -> list[str]:
     return [
-        "train", "--save-dir", save_dir,
+        "train", "--save-dir", save_dir, *(extra or []),
         "--epochs", str(PARAMS["epochs"]), "--steps-per-epoch", str(PARAMS["steps_per_epoch"]),
         "--batch-size", str(PARAMS["batch_size"]), "--seed", str(PARAMS["seed"]),
         "--checkpoint-every-steps", str(PARAMS["checkpoint_every_steps"]),
@@ -89,8 +95,8 @@ def tml_args(save_dir: str) -> list[str]:
     ]  # fmt: skip
 
 
-def tml_train(save_dir: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", *tml_args(save_dir)]
+def tml_train(save_dir: str, extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *tml_args(save_dir, extra)]
 
 
 @dataclass
@@ -101,13 +107,18 @@ class Kill:
 
 
 def run_and_kill(
-    save_dir: str, env: dict[str, str], pause: str, occurrence: int, log: Path
+    save_dir: str,
+    env: dict[str, str],
+    pause: str,
+    occurrence: int,
+    log: Path,
+    extra: list[str] | None = None,
 ) -> Kill:
     """Run ``tml train`` paused at the ``occurrence``-th ``pause`` event; SIGKILL its group."""
     read_end, write_end = os.pipe()
     command = [
         sys.executable, "-m", WRAPPER, "--events-fd", str(write_end),
-        "--pause", f"{pause}:{occurrence}", *tml_args(save_dir),
+        "--pause", f"{pause}:{occurrence}", *tml_args(save_dir, extra),
     ]  # fmt: skip
     with log.open("a") as output:
         process = subprocess.Popen(
@@ -210,11 +221,16 @@ def assert_checkpoints_match(
             raise AssertionError(f"{where}: checkpoint {step}: {error}") from None
 
 
+@pytest.mark.parametrize("extra", [[], INCREMENTAL], ids=["full", "incremental"])
 def test_sigkill_at_reported_moments_then_resume(
     prefect_server: PrefectServer,
     reference_steps: dict[int, dict[str, torch.Tensor]],
     tmp_path: Path,
+    extra: list[str],
 ) -> None:
+    """Also with incremental saves: the same moments land in deltas and in prunes that keep
+    chain bases, and every checkpoint, delta or full, holds exactly the uninterrupted run's
+    state (compared against a run without incremental saves: they must not change a bit)."""
     save_dir = str(tmp_path / "killed")
     env = {**prefect_server.env(), "PYTHONPATH": str(REPO)}
     chooser = random.Random(SEED)
@@ -222,18 +238,24 @@ def test_sigkill_at_reported_moments_then_resume(
     moments = [*PLANNED, (chooser.choice(MOMENTS), chooser.randint(1, 2))]
     model = DirModel()
     log = tmp_path / "runs.log"
+    deltas: set[int] = set()  # committed delta checkpoints seen between kills
     for pause, occurrence in moments:
-        kill = run_and_kill(save_dir, env, pause, occurrence, log)
+        kill = run_and_kill(save_dir, env, pause, occurrence, log, extra)
         assert_no_survivors(save_dir)
         prove_landing(save_dir, kill, model)
         assert_checkpoints_match(
             save_dir, reference_steps, f"after the kill at {kill.event} {kill.path}"
         )
+        for checkpoint in get_checkpoints(save_dir):
+            link = read_chain_link(checkpoint)
+            if link is not None and link.is_delta:
+                deltas.add(step_from_checkpoint(checkpoint))
         if kill.path == f"{save_dir}/10" and pause == SAVE_COMMITTED:
             assert model.committed == {2, 4, 6, 8, 10}, "the prune ran before the kill"
+    assert bool(deltas) == bool(extra), f"delta checkpoints seen: {sorted(deltas)}"
 
     final = subprocess.run(
-        tml_train(save_dir), capture_output=True, text=True, env=env, timeout=300
+        tml_train(save_dir, extra), capture_output=True, text=True, env=env, timeout=300
     )
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-3000:]
     summary = json.loads(final.stdout.strip().splitlines()[-1])

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 from torchsnapshot.manifest import ShardedTensorEntry
+from torchsnapshot.serialization import string_to_dtype
 
 from tml_checkpointing import Snapshot
+from tml_checkpointing.chains import link_of
+from tml_checkpointing.incremental import DELTA_ROOT
 from training.config import TrainConfig
 from training.loop import EpochResult, set_deterministic, train_epoch
 from training.session import close_session, get_session
@@ -48,6 +51,14 @@ def checkpoint_tensors(save_dir: str, step: int | None = None) -> dict[str, torc
         full = torch.empty(shape)
         snapshot.read_object(ranked, obj_out=full)
         tensors[ranked] = full
+    # A delta checkpoint (incremental saves): its chained tensors rebuilt from the chain, in
+    # place of its rows/values parts, so that it compares with a full one tensor by tensor.
+    tensors = {path: t for path, t in tensors.items() if not path.startswith(f"0/{DELTA_ROOT}/")}
+    link = link_of(snapshot.metadata, snapshot.path)
+    for chained in link.tensors if link is not None else ():
+        full = torch.empty(chained.shape, dtype=string_to_dtype(chained.dtype))
+        Snapshot.load_snapshot_to_weight(snapshot, chained.path, full)
+        tensors[f"0/{chained.path}"] = full
     return tensors
 
 
