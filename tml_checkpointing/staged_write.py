@@ -29,19 +29,28 @@ def write_staged(plugin: FsspecStoragePlugin, block: memoryview, command: dict[s
     plugin._commit(command["metadata"].encode())
 
 
-def gather_rows(block: memoryview, gathers: list[dict[str, int]]) -> bytes:
+def gather_rows(block: memoryview, gathers: list[dict[str, int]]) -> memoryview:
     """The delta file: for each chained tensor, its changed-row indices (int64), then those
-    rows' bytes, gathered from the tensor's staged copy (a vectorised take, off the training
-    process)."""
-    parts: list[bytes] = []
+    rows' bytes, gathered from the tensor's staged copy straight into the file's buffer (a
+    vectorised take, off the training process)."""
+    total = sum(gather["count"] * (8 + gather["row_bytes"]) for gather in gathers)
+    out = np.empty(total, dtype=np.uint8)
+    position = 0
     for gather in gathers:
         count, width = gather["count"], gather["row_bytes"]
         rows = np.frombuffer(block, dtype=np.int64, count=count, offset=gather["rows_offset"])
-        parts.append(rows.tobytes())
+        out[position : position + count * 8] = rows.view(np.uint8)
+        position += count * 8
         if count:
             top = int(rows.max()) + 1
             table = np.frombuffer(
                 block, dtype=np.uint8, count=top * width, offset=gather["slot_offset"]
             ).reshape(top, width)
-            parts.append(table.take(rows, axis=0).tobytes())
-    return b"".join(parts)
+            np.take(
+                table,
+                rows,
+                axis=0,
+                out=out[position : position + count * width].reshape(count, width),
+            )
+        position += count * width
+    return memoryview(out.data)
