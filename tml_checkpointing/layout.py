@@ -12,6 +12,8 @@ makes a checkpoint committed, lose data silently. Everything that names a file i
       <step>/                      a checkpoint; <step> is canonical decimal: 0, 7, 120
         .writing                   claim of a save in flight (removed at commit)
         <rank>/...                 torchsnapshot data files
+        batched/<uuid>             the writer process's data file (one per save)
+        delta/<uuid>               an incremental save's changed rows (incremental.py)
         .integrity.json            sizes and checksums of the data files (of every rank)
         .integrity.json.rank-<r>   rank r's records while a multi-rank save is in flight
         .snapshot_metadata         torchsnapshot manifest = the commit marker, written last
@@ -50,6 +52,7 @@ WRITER_LOCK = ".writer.lock"
 WRITER_LOCK_GUARD = ".writer.lock.guard"
 RUN_INFO = "run.json"
 LINEAGE = "lineage.json"
+DELTA_DIR = "delta"  # inside a checkpoint: the changed rows of an incremental save
 
 _CANONICAL_STEP = re.compile(r"0|[1-9][0-9]*")
 _STEP_LIKE = re.compile(r"[0-9]+")

@@ -49,6 +49,7 @@ from .incremental import (
     new_link_id,
     row_bytes,
 )
+from .layout import DELTA_DIR
 
 ALIGNMENT = 4096  # every tensor starts on a page: direct I/O and page-sized reads stay aligned
 
@@ -388,7 +389,7 @@ class StagingArea:
             )
             manifest[CHAIN_ENTRY] = staged.link.entry()
             return
-        staged.delta_file = f"delta/{uuid.uuid4()}"
+        staged.delta_file = f"{DELTA_DIR}/{uuid.uuid4()}"
         staged.data_size = self.plan.dense_size
         offset, tensors = 0, []
         for index, slot in enumerate(self.plan.chained):
