@@ -64,10 +64,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fast.py --json --chart docs/performance.png \
 	  > benchmarks/results/fast.json
 	$(BIN)/python benchmarks/bench_s3.py --json > benchmarks/results/s3.json
+	$(BIN)/python benchmarks/bench_incremental.py --json > benchmarks/results/incremental.json
 
-# ~2 minutes: the writer-process benchmark on a small state (the edit-measure loop).
+# ~3 minutes: the writer-process and incremental benchmarks on small states (edit-measure loop).
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/bench_fast.py --quick
+	$(BIN)/python benchmarks/bench_incremental.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

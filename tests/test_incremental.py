@@ -247,6 +247,8 @@ def test_bad_incremental_arguments_are_named(tmp_path: Any) -> None:
         Snapshot(str(tmp_path), incremental=True, writer="torchsnapshot")
     with pytest.raises(InvalidArgumentError, match="min_chained_bytes"):
         Snapshot(str(tmp_path), incremental=True, min_chained_bytes=0)
+    with pytest.raises(InvalidArgumentError, match="max_chain_fraction"):
+        Snapshot(str(tmp_path), incremental=True, max_chain_fraction=-1)
     fs, _ = resolve(str(tmp_path))
     assert fs.ls(str(tmp_path)) == []  # nothing written
 

@@ -43,7 +43,13 @@ from .errors import (
 from .fast_restore import can_verify, plan_restore, read_chained_tensor, run_restore
 from .faults import reading
 from .filesystem import StorageOptions, is_local, join_url, resolve
-from .incremental import DEFAULT_FULL_EVERY, DELTA_ROOT, MIN_CHAINED_BYTES, ChainLink
+from .incremental import (
+    DEFAULT_FULL_EVERY,
+    DELTA_ROOT,
+    MAX_CHAIN_FRACTION,
+    MIN_CHAINED_BYTES,
+    ChainLink,
+)
 from .integrity import (
     VERIFY_LEVELS,
     VerifyLevel,
@@ -177,6 +183,10 @@ class Snapshot:
             it (one process; CPU tensors; local disk or an object store such as S3), else
             through torchsnapshot; ``"process"`` requires the writer process;
             ``"torchsnapshot"`` always uses torchsnapshot's writer thread.
+        incremental: save only the rows of large tensors (at least ``min_chained_bytes``)
+            that changed since the previous save; every ``full_every``-th save is full, and
+            so is one that would take the chain's deltas past ``max_chain_fraction`` of a full
+            checkpoint (bounds a restore's extra reads). See docs/incremental.md.
 
     The writer process (:mod:`tml_checkpointing.writer_process`): ``save()`` copies the
     tensors into a shared-memory staging block allocated once (re-planned when shapes
@@ -198,6 +208,7 @@ class Snapshot:
         incremental: bool = False,
         full_every: int = DEFAULT_FULL_EVERY,
         min_chained_bytes: int = MIN_CHAINED_BYTES,
+        max_chain_fraction: float = MAX_CHAIN_FRACTION,
     ) -> None:
         fs, _ = resolve(save_dir, storage_options)  # an unknown protocol fails here, not later
         if writer not in WRITER_CHOICES:
@@ -215,6 +226,12 @@ class Snapshot:
             raise InvalidArgumentError(
                 f"min_chained_bytes must be a positive integer, got {min_chained_bytes!r}"
             )
+        if not 0 <= max_chain_fraction <= 10:
+            raise InvalidArgumentError(
+                "max_chain_fraction (how much a chain's deltas may add up to, as a fraction of "
+                f"a full checkpoint) must be between 0 and 10, got {max_chain_fraction!r}"
+            )
+        self.max_chain_fraction = float(max_chain_fraction)
         self.incremental = bool(incremental)
         self.full_every = full_every
         self.min_chained_bytes = min_chained_bytes
@@ -364,15 +381,16 @@ class Snapshot:
 
     def _chain_request(self) -> ChainRequest:
         """The next incremental save's parent: the tip, if it is still committed."""
+        full = ChainRequest(None, None, self.full_every, self.max_chain_fraction)
         if self._tip is None:
-            return ChainRequest(parent=None, parent_link=None, full_every=self.full_every)
+            return full
         parent_path, link = self._tip
         if not is_committed(parent_path, self.storage_options):
             logger.warning("%s is gone: the next checkpoint is a full one.", parent_path)
             self._tip = None
-            return ChainRequest(parent=None, parent_link=None, full_every=self.full_every)
+            return full
         name = parent_path.rstrip("/").rsplit("/", 1)[-1]
-        return ChainRequest(parent=name, parent_link=link, full_every=self.full_every)
+        return ChainRequest(name, link, self.full_every, self.max_chain_fraction)
 
     def _start_writing(
         self, path: str

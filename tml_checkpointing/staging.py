@@ -118,6 +118,7 @@ class ChainRequest:
     parent: str | None  # step name of the committed parent; None: write a full checkpoint
     parent_link: ChainLink | None
     full_every: int
+    max_chain_fraction: float = MAX_CHAIN_FRACTION
 
 
 def flatten_state(app_state: Mapping[str, Any]) -> tuple[dict[str, Entry], dict[str, Any]]:
@@ -290,7 +291,7 @@ class StagingArea:
         ``chain`` (incremental saves): with a parent, each chained tensor is compared with its
         staged copy (the parent's values) and only the changed rows are copied and written;
         the save is full instead when those rows would take the chain past
-        :data:`~tml_checkpointing.incremental.MAX_CHAIN_FRACTION` of a full checkpoint.
+        ``chain.max_chain_fraction`` of a full checkpoint.
         """
         # A fresh name per attempt, as torchsnapshot names its batched files: a writer of an
         # earlier, killed attempt at the same step can never write into this attempt's file.
@@ -356,7 +357,7 @@ class StagingArea:
                 staged.index_copy_(0, rows, value.index_select(0, rows))
             changed[slot.path] = rows
             delta_bytes += rows.numel() * (8 + row_bytes(slot.shape, value.element_size()))
-        if parent.chain_bytes + delta_bytes > MAX_CHAIN_FRACTION * parent.full_bytes:
+        if parent.chain_bytes + delta_bytes > chain.max_chain_fraction * parent.full_bytes:
             return None  # the staged copies are current: the full save writes them as they are
         for slot in self.plan.chained:
             rows = changed[slot.path]
