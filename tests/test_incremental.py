@@ -19,6 +19,7 @@ import torchsnapshot
 
 from tml_checkpointing import (
     CheckpointExistsError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     RetentionPolicy,
     Snapshot,
@@ -311,3 +312,33 @@ def test_prune_reports_the_bytes_it_freed(
     assert pruned["freed_bytes"] == sum(sizes.values())
     for step in (4, 5, 6):
         assert verify_checkpoint(f"{save_dir}/{step}", level="full").status == "valid"
+
+
+def test_a_save_that_failed_after_staging_makes_the_next_one_full(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staging then holds rows of a save that never committed: a delta computed against
+    it would be missing them. The next save must be full, and restore exactly."""
+    save_dir = str(tmp_path / "run")
+    state = make_state()
+    snapshot = Snapshot(save_dir, state, incremental=True, min_chained_bytes=MIN_BYTES)
+    snapshot.save(1).wait()
+    train(state, 2)
+
+    class Refusing:
+        def start(self) -> None:
+            return None
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            raise OSError("the writer is gone")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("tml_checkpointing.snapshot.shared_writer", lambda: Refusing())
+        with pytest.raises(CheckpointWriteError, match="the writer is gone"):
+            snapshot.save(2)
+    train(state, 3)
+    pending = snapshot.save(3)
+    pending.wait()
+    snapshot.close()
+    assert pending.link is not None and pending.link.parent is None
+    assert_same(restored(f"{save_dir}/3"), snapshot_of(state))

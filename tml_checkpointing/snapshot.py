@@ -354,6 +354,7 @@ class Snapshot:
         except SnapshotStateError:
             raise  # writer="process" for a state it cannot take: the caller's choice to fix
         except Exception as error:
+            self._tip = None  # the staging may hold rows of this save, which is not committed
             events.emit(events.SAVE_FAILED, path=path, step=global_step, error=repr(error))
             raise CheckpointWriteError(
                 f"saving step {global_step} to {path} failed, nothing was committed: "
