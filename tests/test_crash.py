@@ -26,8 +26,9 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -83,15 +84,19 @@ class Kill:
     path: str
     resumed_from: int
     events: list[tuple[str, str]]  # (name, path), in order, the pause event last
+    links: dict[int, str] = field(default_factory=dict)  # --incremental: step -> link JSON
 
 
 class Zygote:
-    """The crash_saver helper process; reads its stdout on a thread so waits can time out."""
+    """The crash_saver helper process; reads its stdout on a thread so waits can time out.
 
-    def __init__(self) -> None:
+    ``options`` go to the helper's command line (``--incremental``: tests/test_incremental_crash).
+    """
+
+    def __init__(self, *options: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", HELPER],
+            [sys.executable, "-m", HELPER, *options],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -103,14 +108,18 @@ class Zygote:
         self.lines = LineReader(self.process.stdout)
         assert self.next_line() == "ready"
 
-    def next_line(self, timeout: float = 60) -> str:
+    def next_line(self, timeout: float = 120) -> str:
         return self.lines.next_line(timeout)
 
-    def run_and_kill(self, save_dir: str, pause: str, occurrence: int) -> Kill:
-        """Start a victim that pauses at the ``occurrence``-th ``pause`` event; SIGKILL it
-        there. Returns what it reported."""
+    def run_and_kill(
+        self, save_dir: str, pause: str, occurrence: int, only_full: bool = False
+    ) -> Kill:
+        """Start a victim that pauses at the ``occurrence``-th ``pause`` event (``only_full``:
+        counting only events of full checkpoints); SIGKILL it there. Returns what it reported."""
         assert self.process.stdin is not None
-        order = {"save_dir": save_dir, "pause": pause, "occurrence": occurrence}
+        order: dict[str, Any] = {"save_dir": save_dir, "pause": pause, "occurrence": occurrence}
+        if only_full:
+            order["only_full"] = True
         self.process.stdin.write(json.dumps(order) + "\n")
         self.process.stdin.flush()
         line = self.next_line()
@@ -120,26 +129,31 @@ class Zygote:
         assert line.startswith("started "), line
         resumed_from = int(line.split()[1])
         events: list[tuple[str, str]] = []
+        links: dict[int, str] = {}
         while True:
             line = self.next_line()
             kind, _, rest = line.partition(" ")
             if kind == "event":
                 name, _, path = rest.partition(" ")
                 events.append((name, path))
+            elif kind == "link":
+                step, _, text = rest.partition(" ")
+                links[int(step)] = text
             elif kind == "paused":
                 break
             else:
                 raise AssertionError(f"victim ended before pausing at {pause}: {line!r}")
         name, _, path = rest.partition(" ")
         assert name == pause and events[-1] == (name, path), (line, events[-3:])
-        assert sum(1 for e, _ in events if e == pause) == occurrence, events
+        if not only_full:
+            assert sum(1 for e, _ in events if e == pause) == occurrence, events
         os.kill(self.victim, signal.SIGKILL)
         line = self.next_line()
         assert line.startswith(f"exited {self.victim} "), f"output after the pause: {line!r}"
         status = int(line.split()[2])
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, line
         self.victim = None
-        return Kill(event=pause, path=path, resumed_from=resumed_from, events=events)
+        return Kill(pause, path, resumed_from, events, links)
 
     def close(self) -> None:
         if self.victim is not None:  # a test failed with a victim still paused

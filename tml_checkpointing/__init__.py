@@ -21,6 +21,7 @@ from .discovery import (
     step_from_checkpoint,
 )
 from .errors import (
+    BrokenChainError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointMismatchError,
@@ -92,6 +93,7 @@ __all__ = [
     "SAVE_FAILED",
     "SAVE_SIDECAR_WRITTEN",
     "SAVE_STARTED",
+    "BrokenChainError",
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointMismatchError",

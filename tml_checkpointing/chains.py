@@ -15,7 +15,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from torchsnapshot.manifest import SnapshotMetadata, TensorEntry
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import BrokenChainError, CheckpointNotFoundError, CorruptCheckpointError
 from .filesystem import StorageOptions, resolve
 from .incremental import ChainLink, chain_link, delta_entries
 from .integrity import read_metadata
@@ -113,12 +113,14 @@ def read_chain_link(
         return None
 
 
-def broken_link(checkpoint: str, at: str, problem: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
+def broken_link(checkpoint: str, at: str, problem: str) -> BrokenChainError:
+    return BrokenChainError(
         f"checkpoint {checkpoint} is corrupt: its chain is broken at {at}: {problem}. Restore "
-        "an older checkpoint (get_latest_valid_checkpoint finds one).",
+        "an older checkpoint (get_latest_valid_checkpoint finds one)",
         checkpoint=checkpoint,
         path=COMMIT_MARKER,
+        at=at,
+        problem=problem,
     )
 
 

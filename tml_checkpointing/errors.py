@@ -77,6 +77,17 @@ class CorruptCheckpointError(CheckpointError):
         self.path = path
 
 
+class BrokenChainError(CorruptCheckpointError):
+    """A delta checkpoint (incremental saves) whose chain cannot be followed: a parent gone,
+    saved again, or not holding what the delta refers to. Its own files may be fine; the state
+    it stands for can no longer be rebuilt. ``at`` is the checkpoint whose link failed."""
+
+    def __init__(self, message: str, *, checkpoint: str, path: str, at: str, problem: str) -> None:
+        super().__init__(message, checkpoint=checkpoint, path=path)
+        self.at = at
+        self.problem = problem
+
+
 class NotASaveDirError(CheckpointError, ValueError):
     """A command that works on a ``save_dir`` was given a checkpoint (or something inside one).
 

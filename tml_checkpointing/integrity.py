@@ -31,7 +31,12 @@ from fsspec import AbstractFileSystem
 from torchsnapshot.manifest import SnapshotMetadata
 
 from .discovery import newest_first
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidArgumentError
+from .errors import (
+    BrokenChainError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+)
 from .faults import reading
 from .filesystem import StorageOptions, find_tree, invalidate_listing, resolve
 from .layout import COMMIT_MARKER, INTEGRITY_SIDECAR, marker_commits
@@ -224,8 +229,12 @@ def _check_chain(
 
     try:
         chain = ancestry(checkpoint, metadata, fs, root)
-    except CorruptCheckpointError as error:
-        report.problems.append(FileProblem(COMMIT_MARKER, f"chain: {error}"))
+    except BrokenChainError as error:
+        where = "" if error.at == checkpoint else f" at {error.at}"
+        report.problems.append(FileProblem(COMMIT_MARKER, f"chain broken{where}: {error.problem}"))
+        return
+    except CorruptCheckpointError as error:  # its own link does not parse
+        report.problems.append(FileProblem(error.path or COMMIT_MARKER, str(error)))
         return
     for ancestor in chain[1:]:
         found = verify_checkpoint(

@@ -133,9 +133,10 @@ def plan_retention(
         if entry.step in protected:
             keep(entry.step, "newest valid checkpoint")
     parents = parents or {}
+    present = {entry.step for entry in committed}
     for step in sorted(reasons, reverse=True):
         child = step
-        while child in parents and parents[child] not in reasons:
+        while parents.get(child) in present and parents[child] not in reasons:
             keep(parents[child], f"base of the kept delta checkpoint {step}")
             child = parents[child]
     kept = [c for c in ordered if c.step in reasons]
