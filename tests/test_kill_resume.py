@@ -256,8 +256,15 @@ def test_sigkill_at_reported_moments_then_resume(
             assert model.committed == {2, 4, 6, 8, 10}, "the prune ran before the kill"
     assert bool(deltas) == bool(extra), f"delta checkpoints seen: {sorted(deltas)}"
 
+    # The final run keeps every checkpoint it writes (milestones every 2 steps; retention is
+    # not part of a run's identity), so that each of its steps is compared too.
+    keep_all = ["--keep-every-steps", str(PARAMS["checkpoint_every_steps"])]
     final = subprocess.run(
-        tml_train(save_dir, extra), capture_output=True, text=True, env=env, timeout=300
+        tml_train(save_dir, [*extra, *keep_all]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-3000:]
     summary = json.loads(final.stdout.strip().splitlines()[-1])
