@@ -11,7 +11,6 @@ wait silently for the whole timeout); while it waits, it says for what.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -19,7 +18,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from tasks.evaluation import evaluate_checkpoint_task
+from tasks.naming import artifact_key, experiment, flow_run_namer
 from tml_checkpointing import checkpoints_iterator, step_from_checkpoint
+from tml_checkpointing.filesystem import parent_url
 from training.evaluation import EvalConfig, EvalResult, await_run
 from training.run_info import RunInfoMissingError, read_run_info
 
@@ -34,7 +35,10 @@ class EvalSummary(BaseModel):
     results: list[EvalResult]
 
 
-@flow(name="evaluate")
+@flow(
+    name="evaluate",
+    flow_run_name=flow_run_namer("evaluate", "save_dir", "partition"),
+)
 def evaluate(
     save_dir: str,
     partition: str = "validation",
@@ -46,8 +50,20 @@ def evaluate(
 ) -> EvalSummary:
     """Evaluate each committed checkpoint of ``save_dir`` on ``partition`` (in step order).
 
+    Args:
+        save_dir: The training run's checkpoint directory (path or fsspec URL) to follow.
+        partition: Which data to evaluate on (``validation``, ``test``...); each partition's
+            evaluator marks the checkpoints it finished, once each.
+        eval_steps: Batches evaluated per checkpoint.
+        timeout: Seconds to wait for a new checkpoint before giving up (the run may have
+            ended).
+        poll_seconds: Seconds between looks for new checkpoints.
+        storage_options: Options for the fsspec filesystem of ``save_dir``.
+        wait_for_run: Wait (up to ``timeout``) for a run to start in ``save_dir`` instead of
+            failing at once when it does not exist yet.
+
     A ``save_dir`` that does not exist fails at once (``RunNotFoundError``) unless
-    ``wait_for_run``: then the evaluator waits up to ``timeout`` s for a run to start there.
+    ``wait_for_run``.
     """
     config = EvalConfig(
         save_dir=save_dir,
@@ -118,14 +134,9 @@ def _final_step(config: EvalConfig) -> int | None:
         return None
 
 
-def _artifact_key(*parts: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
-
-
 def _publish_checkpoint_metrics(result: EvalResult) -> None:
     create_table_artifact(
-        key=_artifact_key("eval", result.partition),
+        key=artifact_key("eval", result.partition, experiment(parent_url(result.checkpoint))),
         table=[
             {"metric": name, "value": round(value, 6)}
             for name, value in sorted(result.metrics.items())
@@ -141,7 +152,7 @@ def _publish_summary(summary: EvalSummary) -> None:
         for r in summary.results
     )
     create_markdown_artifact(
-        key=_artifact_key("eval-summary", summary.partition),
+        key=artifact_key("eval-summary", summary.partition, experiment(summary.save_dir)),
         markdown=(
             f"# Evaluation of `{summary.save_dir}` on `{summary.partition}`\n\n"
             f"Reached the final checkpoint: {summary.reached_final}\n\n"

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from flows.evaluate import evaluate
 from flows.train import train, train_config
 from recipes.base import DEFAULT_RECIPE
+from tasks.naming import artifact_key, experiment, flow_run_namer
 from tml_checkpointing import get_checkpoint, join_url
 from tml_checkpointing.filesystem import StorageOptions, replace_file, resolve
 from tml_checkpointing.layout import LINEAGE
@@ -41,7 +42,7 @@ class Lineage(BaseModel):
     metrics: dict[str, dict[str, float]] = {}
 
 
-@flow(name="retrain")
+@flow(name="retrain", flow_run_name=flow_run_namer("retrain", "runs_dir", "epochs"))
 def retrain(
     runs_dir: str,
     epochs: int = 3,
@@ -55,7 +56,23 @@ def retrain(
     storage_options: dict[str, Any] | None = None,
     run_name: str | None = None,
 ) -> Lineage:
-    """Train a new run under ``runs_dir``, warm-started from the previous one, and evaluate it."""
+    """Train a new run under ``runs_dir``, warm-started from the previous one, and evaluate it.
+
+    Args:
+        runs_dir: Directory (path or fsspec URL) holding one sub-directory per run.
+        epochs: Epochs the new run trains.
+        steps_per_epoch: Training steps in one epoch.
+        batch_size: Examples per step.
+        lr: Learning rate of the recipe's optimizer.
+        seed: Seed of the initial weights (replaced by the warm start's) and the data order.
+        recipe: The model and data, as ``module:function``.
+        eval_partitions: Partitions evaluated on the new run's final checkpoint (default:
+            ``validation``).
+        eval_steps: Batches evaluated per partition.
+        storage_options: Options for the fsspec filesystem of ``runs_dir``.
+        run_name: Name of the new run's directory (default: the scheduled start, UTC, e.g.
+            ``2026-11-30T0200``); a rerun with the same name resumes that run.
+    """
     logger = get_run_logger()
     partitions = ["validation"] if eval_partitions is None else eval_partitions
     name = run_name or dated_run_name(flow_run.get_scheduled_start_time())
@@ -117,7 +134,7 @@ def retrain(
             lineage.metrics[partition] = final[0].metrics
     write_lineage(lineage, storage_options)
     create_markdown_artifact(
-        key="retrain-lineage",
+        key=artifact_key("retrain-lineage", experiment(runs_dir)),
         markdown=(
             f"# Retraining `{run_dir}`\n\n"
             f"- previous run: `{lineage.previous_run or 'none (first run)'}`\n"

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from flows.signals import exiting
 from recipes.base import DEFAULT_RECIPE
+from tasks.naming import artifact_key, experiment, flow_run_namer
 from tasks.training import DEFAULT_TASK_RETRIES, train_epoch_task
 from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_finish
 from tml_checkpointing.errors import PreemptedError
@@ -52,7 +53,7 @@ class TrainResult(BaseModel):
     epochs: list[EpochResult]
 
 
-@flow(name="train")
+@flow(name="train", flow_run_name=flow_run_namer("train", "save_dir", "epochs"))
 def train(
     save_dir: str,
     epochs: int = 3,
@@ -81,27 +82,55 @@ def train(
 ) -> TrainResult:
     """Train ``epochs`` epochs into ``save_dir``, resuming from its newest checkpoint.
 
-    ``epoch_retries``: how often a failed epoch is retried (each retry first restores the
-    newest committed checkpoint). ``fail_at_step`` injects one failure, to watch that happen.
-    ``wait_for_evaluators``: partitions whose evaluators must mark the final checkpoint done
-    before the run ends (waits at most ``evaluator_timeout`` s; the result says who finished).
-    ``keep_last`` / ``keep_every_steps``: retention after each epoch (checkpoints the awaited
-    evaluators have not finished are kept). ``incremental``: large tensors (at least
-    ``incremental_min_bytes``) save only the rows that changed since the previous save, every
-    ``full_every``-th save is full (see docs/incremental.md). On SIGTERM/SIGINT/SIGUSR1 the
-    step in progress is checkpointed and the process exits with 128 + signum (the flow run
-    ends Crashed).
-    A run's parameters are recorded in ``<save_dir>/run.json`` at its first start; resuming
-    with other values of recipe, seed, batch_size, steps_per_epoch, lr or world size (ranks per
-    node times nodes), or fewer epochs, is
-    refused (``RunConfigChangedError``, nothing written) unless ``allow_changed_config``, which
-    records them as a new segment of the run. ``epochs`` may grow.
+    Args:
+        save_dir: Checkpoint directory of the run, a local path or an fsspec URL
+            (``s3://bucket/runs/exp1``). Its last part names the run and its artifacts.
+        epochs: Epochs to train in total. A resumed run skips the epochs already covered by
+            a checkpoint; epochs may grow between runs.
+        steps_per_epoch: Training steps (batches per rank) in one epoch.
+        batch_size: Examples per step and rank.
+        lr: Learning rate of the recipe's optimizer.
+        seed: Seed of the model's initial weights and of the data order.
+        checkpoint_every_steps: Also checkpoint every N steps within an epoch; 0 means only
+            at the end of each epoch.
+        recipe: The model and data, as ``module:function`` (``recipes.ranking:build``,
+            ``recipes.torchrec_ranking:build``).
+        initial_checkpoint: Warm start: a checkpoint whose model weights (only) start this
+            run; the step count starts at 0.
+        storage_options: Options for the fsspec filesystem of ``save_dir`` (for S3:
+            ``endpoint_url``, ``key``, ``secret``...).
+        fail_at_step: Tests and demos: fail once when this step is reached, to watch the
+            epoch's retry restore the newest checkpoint.
+        epoch_retries: How often a failed epoch is retried; each retry first restores the
+            newest committed checkpoint.
+        wait_for_evaluators: Partitions whose evaluators must mark the final checkpoint done
+            before the run ends.
+        evaluator_timeout: Seconds to wait for those evaluators; the result says who
+            finished.
+        keep_last: Retention after each epoch: keep the newest N checkpoints (empty: keep
+            all).
+        keep_every_steps: Retention: also keep every checkpoint whose step is a multiple of
+            this (milestones).
+        incremental: Save only the changed rows of large tensors (embedding tables) since
+            the previous save; see docs/incremental.md.
+        full_every: Incremental saves: every N-th save is a full checkpoint.
+        incremental_min_bytes: Incremental saves: tensors at least this large (bytes) are
+            saved as changed rows.
+        allow_changed_config: Resume even though recipe, seed, batch size, steps per epoch,
+            lr or world size differ from what run.json recorded (recorded as a new segment).
+        nproc_per_node: Ranks per machine; above 1, each epoch runs under torchrun.
+        nnodes: Machines taking part in every epoch.
+        node_rank: This machine's rank; node 0 commits checkpoints and holds the lock.
+        rdzv_endpoint: ``host:port`` of node 0 when ``nnodes`` > 1.
 
-    ``nproc_per_node`` > 1 or ``nnodes`` > 1: each epoch runs on that many ranks per machine
-    under ``torchrun`` (see :mod:`training.launch`). With several machines, the same flow runs
-    on each with its ``node_rank``, all meeting at ``rdzv_endpoint`` (``host:port`` on node 0);
-    node 0 holds the writer lock, records ``run.json``, commits (its rank 0), applies retention
-    and publishes the artifacts.
+    On SIGTERM/SIGINT/SIGUSR1 the step in progress is checkpointed and the process exits with
+    128 + signum (the flow run ends Crashed). A run's parameters are recorded in
+    ``<save_dir>/run.json`` at its first start; resuming with other values of recipe, seed,
+    batch_size, steps_per_epoch, lr or world size (ranks per node times nodes), or fewer
+    epochs, is refused (``RunConfigChangedError``, nothing written) unless
+    ``allow_changed_config``. With several machines, the same flow runs on each with its
+    ``node_rank``, all meeting at ``rdzv_endpoint``; node 0 holds the writer lock, records
+    ``run.json``, commits (its rank 0), applies retention and publishes the artifacts.
     """
     config = train_config(
         save_dir=save_dir,
@@ -213,7 +242,11 @@ def run_training(
     logger.info(
         "Run %s: %s", config.save_dir, f"resuming from {resumed_from}" if resumed_from else "fresh"
     )
-    progress = create_progress_artifact(progress=0.0, description=f"epochs of {config.save_dir}")
+    progress = create_progress_artifact(
+        progress=0.0,
+        key=artifact_key("train-progress", experiment(config.save_dir)),
+        description=f"epochs of {config.save_dir}",
+    )
     results: list[EpochResult] = []
     epoch_task = train_epoch_task.with_options(retries=epoch_retries)
     try:
@@ -244,7 +277,7 @@ def run_training(
 
 def _publish(result: TrainResult) -> None:
     create_table_artifact(
-        key="train-epochs",
+        key=artifact_key("train-epochs", experiment(result.save_dir)),
         table=[
             {
                 "epoch": r.epoch,
@@ -261,7 +294,7 @@ def _publish(result: TrainResult) -> None:
     )
     skipped = ", ".join(map(str, result.epochs_skipped)) or "none"
     create_markdown_artifact(
-        key="train-summary",
+        key=artifact_key("train-summary", experiment(result.save_dir)),
         markdown=(
             f"# Training run `{result.save_dir}`\n\n"
             f"- resumed from: `{result.resumed_from or 'scratch'}`\n"

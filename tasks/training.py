@@ -15,8 +15,10 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
+from prefect.runtime import task_run
 from prefect.states import Completed
 
+from tasks.naming import epoch_task_run_name
 from training.config import TrainConfig
 from training.failures import retry_cannot_help
 from training.launch import NodeLayout, train_epoch_on_ranks
@@ -28,7 +30,7 @@ DEFAULT_TASK_RETRIES = 2
 
 @task(
     name="train-epoch",
-    task_run_name="epoch-{epoch}",
+    task_run_name=epoch_task_run_name,
     retries=DEFAULT_TASK_RETRIES,
     retry_delay_seconds=0,
     # The checkpoint directory decides what is done; Prefect's cache could outlive or
@@ -37,7 +39,26 @@ DEFAULT_TASK_RETRIES = 2
     retry_condition_fn=lambda task, task_run, state: _retryable(state),
 )
 def train_epoch_task(config: TrainConfig, epoch: int, layout: NodeLayout | None = None) -> Any:
+    """One epoch; a retry is said at WARNING (the UI's "warnings and above" filter keeps it),
+    and so is the failure that caused it, with its cause."""
     logger = get_run_logger()
+    attempt = task_run.run_count or 1
+    if attempt > 1:
+        logger.warning(
+            "epoch %s: attempt %s (a retry): restores the newest committed checkpoint first",
+            epoch,
+            attempt,
+        )
+    try:
+        return _train_epoch(config, epoch, layout, logger)
+    except Exception as error:
+        logger.warning(
+            "epoch %s: attempt %s failed: %s: %s", epoch, attempt, type(error).__name__, error
+        )
+        raise
+
+
+def _train_epoch(config: TrainConfig, epoch: int, layout: NodeLayout | None, logger: Any) -> Any:
     session = get_session(config)
     if config.world_size == 1:
         result: EpochResult = train_epoch(session, epoch, log=logger.info)

@@ -151,7 +151,8 @@ def test_deploy_run_with_worker_and_nightly_schedule(
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-        assert {"train-epochs", "train-summary"} <= {a.key for a in artifacts if a.key}
+        assert {"train-epochs-run", "train-summary-run"} <= {a.key for a in artifacts if a.key}
+        assert run.name.startswith("train · run · epochs="), run.name
 
         deployments = {
             name: client.read_deployment_by_name(name)

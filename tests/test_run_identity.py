@@ -351,7 +351,7 @@ def test_disk_full_exits_3_and_is_not_retried(prefect_api: PrefectServer, tiny_d
         runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=50)
         flow_run = next(run for run in runs if run.parameters.get("save_dir") == save_dir)
         tasks = client.read_task_runs()
-    epoch = [t for t in tasks if t.flow_run_id == flow_run.id and t.name == "epoch-0"]
+    epoch = [t for t in tasks if t.flow_run_id == flow_run.id and t.name.startswith("epoch 0 · ")]
     assert len(epoch) == 1 and epoch[0].run_count == 1  # failed once, not retried
 
 

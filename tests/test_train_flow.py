@@ -44,12 +44,12 @@ def test_train_then_rerun_skips_every_epoch(prefect_api: PrefectServer, tmp_path
     assert (again.epochs_run, again.epochs_skipped) == ([], [0, 1, 2])
     assert again.resumed_from == f"{save_dir}/12"
     runs = task_runs(flow_run_id)
-    assert sorted(runs) == ["epoch-0", "epoch-1", "epoch-2"]
+    assert sorted(runs) == ["epoch 0 · run", "epoch 1 · run", "epoch 2 · run"]
     assert {run.state.name for run in runs.values()} == {"Skipped"}
     assert all(run.state.is_completed() for run in runs.values())
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts() if a.key}
-    assert {"train-epochs", "train-summary"} <= keys
+    assert {"train-epochs-run", "train-summary-run", "train-progress-run"} <= keys
 
 
 def test_injected_failure_is_retried_and_ends_bit_identical(
@@ -63,8 +63,8 @@ def test_injected_failure_is_retried_and_ends_bit_identical(
     )
     assert state.is_completed()
     runs = task_runs(flow_run_id)
-    assert runs["epoch-1"].run_count == 2  # failed once at step 7, retried
-    assert runs["epoch-0"].run_count == 1
+    assert runs["epoch 1 · run"].run_count == 2  # failed once at step 7, retried
+    assert runs["epoch 0 · run"].run_count == 1
     assert_bit_identical(checkpoint_tensors(save_dir), checkpoint_tensors(reference.save_dir))
 
 

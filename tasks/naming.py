@@ -1,0 +1,44 @@
+"""Names of runs and artifacts, taken from the experiment: the last part of its ``save_dir``.
+
+Why: the runs list, the task list and the Artifacts page show names and keys, not parameters.
+With random run names and one artifact key shared by every experiment, a person cannot tell
+two experiments apart there, and each run's artifacts replace the previous run's. Prefect
+artifact keys allow lowercase letters, digits and dashes only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from prefect.runtime import flow_run, task_run
+
+
+def experiment(save_dir: str) -> str:
+    """``s3://bucket/runs/exp1/`` -> ``exp1``: the name a person gave the run's directory."""
+    return save_dir.rstrip("/").rsplit("/", 1)[-1] or save_dir
+
+
+def artifact_key(*parts: str) -> str:
+    """A valid artifact key from ``parts`` (lowercased; anything else becomes a dash)."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def flow_run_namer(flow: str, directory_parameter: str, *details: str) -> Callable[[], str]:
+    """A ``flow_run_name`` callable: ``train · exp1 · epochs=3`` from the run's parameters."""
+
+    def name() -> str:
+        parameters = flow_run.parameters
+        directory = str(parameters.get(directory_parameter, "?"))
+        shown = [f"{key}={parameters[key]}" for key in details if key in parameters]
+        return " · ".join([flow, experiment(directory), *shown])
+
+    return name
+
+
+def epoch_task_run_name() -> str:
+    """``epoch 2 · exp1``: which experiment's epoch a task run is, in the task list."""
+    parameters = task_run.parameters
+    config = parameters.get("config")
+    directory = getattr(config, "save_dir", "?")
+    return f"epoch {parameters.get('epoch', '?')} · {experiment(str(directory))}"

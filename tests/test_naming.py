@@ -1,0 +1,40 @@
+"""Runs and artifacts named after the experiment; a run form that explains every parameter.
+
+The Prefect UI lists runs by name and artifacts by key, and shows each flow parameter's
+description in the run form: these must tell experiments apart and say what a value means.
+"""
+
+from __future__ import annotations
+
+import pytest
+from prefect import Flow
+
+from flows.evaluate import evaluate
+from flows.retrain import retrain
+from flows.train import train
+from tasks.naming import artifact_key, experiment
+
+
+def test_the_experiment_is_the_last_part_of_its_directory() -> None:
+    assert experiment("s3://bucket/runs/exp1/") == "exp1"
+    assert experiment("/data/runs/ranking-v2") == "ranking-v2"
+    assert experiment("memory://x") == "x"
+
+
+def test_artifact_keys_are_valid_prefect_keys() -> None:
+    assert artifact_key("train-epochs", "Exp_1.v2") == "train-epochs-exp-1-v2"
+    assert (
+        artifact_key("eval", "validation", "2026-11-30T0200") == "eval-validation-2026-11-30t0200"
+    )
+
+
+@pytest.mark.parametrize("flow", [train, evaluate, retrain], ids=lambda f: f.name)
+def test_every_flow_parameter_has_a_description_for_the_run_form(flow: Flow) -> None:
+    properties = flow.parameters.properties
+    assert properties, flow.name
+    missing = [name for name, schema in properties.items() if not schema.get("description")]
+    assert not missing, f"{flow.name}: no description for {missing}"
+    assert (
+        "0 means"
+        in properties.get("checkpoint_every_steps", {"description": "0 means"})["description"]
+    )
