@@ -605,17 +605,7 @@ class Snapshot:
         plan = plan_restore(metadata, app_state, directory.rstrip("/"), chained)
         if plan is None:
             return False
-        sidecars: dict[str, Sidecar | None] = {}
-        if verify == "full":
-            for root in plan.directories:
-                try:
-                    sidecars[root] = read_sidecar(fs, root, checkpoint)
-                except SidecarFormatError as error:
-                    raise CorruptCheckpointError(
-                        f"checkpoint {checkpoint} is corrupt: {root}/{INTEGRITY_SIDECAR}: {error}",
-                        checkpoint=checkpoint,
-                        path=INTEGRITY_SIDECAR,
-                    ) from error
+        sidecars = _sidecars(fs, plan.directories, checkpoint) if verify == "full" else {}
         if not can_verify(plan, sidecars):
             return False
         run_restore(plan, app_state, fs, sidecars, checkpoint)
@@ -706,11 +696,24 @@ def _read_chained(
             f"checkpoint {checkpoint} is corrupt: {why}", checkpoint=checkpoint, path=path
         )
     chained = chained_tensors(ancestry(checkpoint, metadata, fs, root))[path]
+    roots = {chained.base[0].root, *(delta[0].root for delta in chained.deltas)}
+    read_chained_tensor(fs, chained, out, _sidecars(fs, roots, checkpoint), checkpoint)
+
+
+def _sidecars(fs: Any, roots: Iterable[str], checkpoint: str) -> dict[str, Sidecar | None]:
+    """The sidecar of each checkpoint directory a restore reads from (a chain spans several);
+    one that does not parse makes ``checkpoint`` corrupt."""
     sidecars: dict[str, Sidecar | None] = {}
-    for ancestor in [chained.base[0], *(delta[0] for delta in chained.deltas)]:
-        if ancestor.root not in sidecars:
-            sidecars[ancestor.root] = read_sidecar(fs, ancestor.root, checkpoint)
-    read_chained_tensor(fs, chained, out, sidecars, checkpoint)
+    for root in roots:
+        try:
+            sidecars[root] = read_sidecar(fs, root, checkpoint)
+        except SidecarFormatError as error:
+            raise CorruptCheckpointError(
+                f"checkpoint {checkpoint} is corrupt: {root}/{INTEGRITY_SIDECAR}: {error}",
+                checkpoint=checkpoint,
+                path=INTEGRITY_SIDECAR,
+            ) from error
+    return sidecars
 
 
 def _is_delta_part(path: str) -> bool:
