@@ -55,6 +55,7 @@ from .evaluation import (
     write_checkpoint_metrics,
 )
 from .events import (
+    CORRUPT_FOUND,
     DELETE_DONE,
     DELETE_STARTED,
     DELETE_UNCOMMITTED,
@@ -82,6 +83,7 @@ from .snapshot import PendingSave, Snapshot
 __version__ = "0.1.0"
 
 __all__ = [
+    "CORRUPT_FOUND",
     "DELETE_DONE",
     "DELETE_STARTED",
     "DELETE_UNCOMMITTED",

@@ -42,7 +42,7 @@ from torchsnapshot.manifest import ShardedTensorEntry
 from . import __version__
 from .chains import ancestry, link_of, logical_metadata, read_chain_link
 from .cleanup import IncompleteCheckpoint, clean_incomplete, find_incomplete, scan_incomplete
-from .discovery import is_committed, non_canonical_entries, scan_checkpoints
+from .discovery import is_committed, non_canonical_entries, scan_checkpoints, stored_bytes
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -524,7 +524,7 @@ def _checkpoints_prune(args: argparse.Namespace) -> int:
 
         def planned(plan: RetentionPlan) -> None:
             progress.update(task, total=0 if args.dry_run else len(plan.delete))
-            sizes.update({victim.step: _stored_bytes(victim.path) for victim in plan.delete})
+            sizes.update({victim.step: stored_bytes(victim.path) for victim in plan.delete})
 
         result = prune(
             args.save_dir,
@@ -565,12 +565,6 @@ def _checkpoints_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _stored_bytes(checkpoint: str) -> int:
-    """Bytes of a checkpoint's files on storage (one listing)."""
-    fs, root = resolve(checkpoint)
-    return int(sum(info.get("size") or 0 for info in fs.find(root, detail=True).values()))
-
-
 # -- materialize -----------------------------------------------------------------------------------
 
 
@@ -582,7 +576,7 @@ def _checkpoints_materialize(args: argparse.Namespace) -> int:
     payload = {
         "checkpoint": args.checkpoint,
         "destination": written,
-        "bytes": _stored_bytes(written),
+        "bytes": stored_bytes(written),
     }
 
     def render() -> None:

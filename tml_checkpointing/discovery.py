@@ -220,6 +220,14 @@ def list_checkpoints(
     return [c for c in scan_checkpoints(save_dir, storage_options) if c.committed]
 
 
+def stored_bytes(checkpoint: str, storage_options: StorageOptions | None = None) -> int:
+    """Bytes of a checkpoint's files on storage (one listing): what deleting it frees, and
+    what it costs to keep (a delta checkpoint's own bytes, not its chain's)."""
+    fs, root = resolve(checkpoint, storage_options)
+    with reading(f"the size of {checkpoint}"):
+        return int(sum(info.get("size") or 0 for info in fs.find(root, detail=True).values()))
+
+
 def get_checkpoints(save_dir: str, *, storage_options: StorageOptions | None = None) -> list[str]:
     """Paths of all fully written checkpoints under ``save_dir``, sorted by step.
 

@@ -65,6 +65,11 @@ old location), ``target`` (where it is now), ``reason``."""
 INCOMPLETE_REMOVED = "cleanup.removed"
 """``clean_incomplete`` removed an uncommitted step directory. Fields: ``path``."""
 
+CORRUPT_FOUND = "integrity.corrupt"
+"""A committed checkpoint failed verification where a resume looked for the newest valid one
+(``get_latest_valid_checkpoint``): it is skipped, nothing is moved or deleted. Fields:
+``path``, ``error`` (the reason, as the warning says it)."""
+
 EVENT_NAMES = (
     SAVE_STARTED,
     SAVE_DATA_WRITTEN,
@@ -76,6 +81,7 @@ EVENT_NAMES = (
     DELETE_DONE,
     QUARANTINED,
     INCOMPLETE_REMOVED,
+    CORRUPT_FOUND,
 )
 
 

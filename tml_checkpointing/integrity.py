@@ -30,6 +30,7 @@ import xxhash
 from fsspec import AbstractFileSystem
 from torchsnapshot.manifest import SnapshotMetadata
 
+from . import events
 from .discovery import newest_first
 from .errors import (
     BrokenChainError,
@@ -438,6 +439,7 @@ def get_latest_valid_checkpoint(
             verify_checkpoint(candidate.path, level=verify, storage_options=storage_options)
         except CorruptCheckpointError as error:
             logger.warning("Skipping checkpoint %s for resume: %s", candidate.path, error)
+            events.emit(events.CORRUPT_FOUND, path=candidate.path, error=str(error))
             skipped.append(f"{candidate.path} (corrupt)")
             continue
         except CheckpointNotFoundError as error:
