@@ -6,6 +6,8 @@ for its own run (:mod:`flows.local_server`: out of the CLI's process group, dies
 instead of Prefect's temporary one; analytics stay off (they would try to reach the internet).
 SIGTERM / SIGINT end any command with 128 + signum, without a traceback, in bounded time
 (:mod:`flows.signals`); while epochs run, the step in progress is checkpointed first.
+With a configured ``PREFECT_API_URL`` whose server does not answer its health check, a flow
+command ends before its flow starts with one line and exit status 4 (:mod:`flows.api_check`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-# Only the standard library and the two small modules below at import time: main() installs
+# Only the standard library and the small modules below at import time: main() installs
 # the signal handlers before the heavy imports (torch, Prefect) start.
+from flows.api_check import (
+    EXIT_PREFECT_API,
+    PrefectApiUnreachableError,
+    api_down_during_run,
+    require_reachable_api,
+)
 from flows.local_server import (
     LocalPrefectServer,
     LocalServerError,
@@ -47,12 +55,16 @@ def _apply_prefect_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def _is_flow_command(argv: Sequence[str]) -> bool:
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    return command in FLOW_COMMANDS and not {"-h", "--help"} & set(argv)
+
+
 def _start_prefect_early(argv: Sequence[str]) -> None:
     """A flow command without PREFECT_API_URL in the environment: start the private server
     before anything heavy is imported, so that its start overlaps the CLI's imports."""
     global _server
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
-    if command in FLOW_COMMANDS and not {"-h", "--help"} & set(argv):
+    if _is_flow_command(argv):
         _apply_prefect_defaults()
         _server = start_unless_api_in_environment()
 
@@ -68,9 +80,15 @@ def _prepare_prefect_environment() -> None:
 
 
 def _prefect_ready() -> None:
-    """Wait for the private server (if this run has one): call right before the flow."""
+    """Call right before the flow, after the command's own input checks (bad input is exit 2
+    whatever the API's state): wait for the private server if this run has one, else check
+    that the API the user named answers its health check, so that an unreachable one ends
+    the command in one line before anything is written (:class:`PrefectApiUnreachableError`,
+    made one line by :func:`main`) instead of after Prefect's retries, in a traceback."""
     if _server is not None:
         _server.wait_until_ready()
+    else:
+        require_reachable_api()
 
 
 def _console() -> Console:
@@ -118,10 +136,10 @@ def _train(args: argparse.Namespace) -> int:
     NodeLayout(node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint).check(config)
     try:
         check_run_start(config, allow_changed_config=args.allow_changed_config)
+        _prefect_ready()
     except BaseException:
         close_session(config)
         raise
-    _prefect_ready()
     result = train(**params)
     if args.json:
         summary = result.model_dump(exclude={"epochs"})
@@ -299,9 +317,19 @@ def add_flow_commands(parser: argparse.ArgumentParser) -> None:
     retrain.set_defaults(handler=_retrain)
 
 
+def _fail_in_one_line(as_json: bool, message: str, code: int) -> int:
+    """As ``tml checkpoints`` errors are reported: ``error: ...`` on stderr, and under
+    ``--json`` also ``{"error": ..., "exit_code": ...}`` as the only stdout line."""
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": code}), flush=True)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``tml``. SIGTERM/SIGINT end it with 128 + signum in bounded time (flows.signals)."""
     restore_signals = exit_on_signals()  # first, before the heavy imports
+    as_process = argv is None  # the console script, not a caller in this process (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
     _start_prefect_early(argv)
     from tml_checkpointing.cli import main as tml_main
@@ -315,6 +343,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LocalServerError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
+    except PrefectApiUnreachableError as error:
+        return _fail_in_one_line("--json" in argv, str(error), error.exit_code)
+    except Exception:
+        # A flow failed against an API the user named: if that server has stopped answering
+        # since the check before the flow, say so (Prefect's own report is ~100 lines of
+        # connection tracebacks) and exit as if it had been down from the start.
+        named_api = _is_flow_command(argv) and _prefect_prepared and _server is None
+        stopped = api_down_during_run() if named_api else None
+        if stopped is None:
+            raise
+        # Prefect's teardown then retries its queued logs and events against the dead API
+        # (it held a finished run for minutes): bound it as a signal's exit is bounded. Not
+        # when called in-process: the watchdog would end the caller.
+        if as_process:
+            exiting(EXIT_PREFECT_API)
+        return _fail_in_one_line("--json" in argv, stopped, EXIT_PREFECT_API)
     finally:
         restore_signals()  # matters only when called in-process (tests, argparse exits)
 

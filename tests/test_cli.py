@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ import torch
 
 from tml_checkpointing import Snapshot, mark_done_eval, write_checkpoint_metrics
 from tml_checkpointing.cli import main, parse_duration
+
+from .conftest import free_port
 
 TML = [sys.executable, "-m", "tml_checkpointing.cli"]
 
@@ -258,3 +263,163 @@ def test_bad_url_is_a_clear_error_with_nonzero_exit() -> None:
     assert result.returncode == 2
     assert "unknown storage protocol 'nosuchproto'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- flow commands against an unreachable Prefect API (flows/cli.py, flows/api_check.py) ---------
+# The console script as a user runs it, with PREFECT_API_URL naming a port where nothing listens:
+# one line and exit 4 before the flow starts (it used to be ~6 s of retries, then a 113-line
+# traceback and exit 1, the status of a corrupt checkpoint).
+
+FLOW_TML = [sys.executable, "-m", "flows.cli"]
+EXIT_PREFECT_API = 4
+
+
+def _closed_api_url() -> str:
+    """A loopback API URL whose port was free a moment ago: connecting to it is refused."""
+    return f"http://127.0.0.1:{free_port()}/api"
+
+
+def _tml_flow(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FLOW_TML, *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The command's whole report: exactly one stderr line, no traceback, exit 4."""
+    assert result.returncode == EXIT_PREFECT_API, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0].removeprefix("error: ")
+
+
+FLOW_ARGV = [  # {target} does not exist, except for evaluate: a run with checkpoints
+    ["train", "--save-dir", "{target}", "--epochs", "1"],
+    ["train", "--save-dir", "{target}", "--epochs", "1", "--json"],
+    ["evaluate", "--save-dir", "{target}", "--json"],
+    ["retrain", "--runs-dir", "{target}"],
+]
+
+
+@pytest.mark.parametrize("argv", FLOW_ARGV, ids=["train", "train-json", "evaluate-json", "retrain"])
+def test_flow_command_with_unreachable_api_fails_in_one_line(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    api_url = _closed_api_url()
+    target = tmp_path / "run"
+    if argv[0] == "evaluate":  # a missing save_dir would be refused first (exit 2)
+        make_run(target, (2,))
+    before = tree(tmp_path)
+    result = _tml_flow(
+        [a.format(target=target) for a in argv], {**os.environ, "PREFECT_API_URL": api_url}
+    )
+    message = _one_error_line(result)
+    assert message.startswith(
+        f"cannot reach the Prefect API at {api_url} (PREFECT_API_URL, from the environment): "
+        "connection refused. "
+    ), message
+    assert "unset PREFECT_API_URL" in message
+    if "--json" in argv:  # stdout is only the JSON error, as for every other CLI error
+        assert json.loads(result.stdout) == {"error": message, "exit_code": EXIT_PREFECT_API}
+    else:
+        assert result.stdout == ""
+    assert tree(tmp_path) == before  # nothing written: the check runs before the flow starts
+
+
+def test_unreachable_api_from_a_profile_names_the_profile(tmp_path: Path) -> None:
+    """Persisted with `prefect config set`: the line says where, and how to undo it."""
+    api_url = _closed_api_url()
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        f'active = "work"\n\n[profiles.work]\nPREFECT_API_URL = "{api_url}"\n'
+    )
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_PROFILE", None)
+    save_dir = tmp_path / "run"
+    result = _tml_flow(["train", "--save-dir", str(save_dir), "--epochs", "1"], env)
+    message = _one_error_line(result)
+    assert message.startswith(
+        f"cannot reach the Prefect API at {api_url} (PREFECT_API_URL, from profile 'work'): "
+    ), message
+    assert "`prefect config unset PREFECT_API_URL`" in message
+    assert not save_dir.exists()
+
+
+def test_unhealthy_api_fails_in_one_line(tmp_path: Path) -> None:
+    """A server that answers, but not healthy (a proxy's 503 in front of a stopped server)."""
+    requests: list[str] = []
+
+    class Unhealthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unhealthy)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        api_url = f"http://127.0.0.1:{server.server_address[1]}/api"
+        save_dir = tmp_path / "run"
+        result = _tml_flow(
+            ["train", "--save-dir", str(save_dir), "--epochs", "1"],
+            {**os.environ, "PREFECT_API_URL": api_url},
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join()
+    message = _one_error_line(result)
+    assert "its health check answered HTTP 503 Service Unavailable" in message, message
+    assert requests == ["/api/health"]  # one request, no retries
+    assert not save_dir.exists()
+
+
+def test_api_that_stops_after_the_check_ends_with_one_final_line(tmp_path: Path) -> None:
+    """The server answers the health check, then is gone (closed before its answer is sent):
+    Prefect fails the flow with its own connection errors, and the CLI's last line says why."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    api_url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+    request_lines: list[bytes] = []
+
+    def answer_once_then_die() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            request_lines.append(connection.recv(65536).split(b"\r\n", 1)[0])
+            listener.close()  # from here on every connection is refused
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 4\r\nConnection: close\r\n\r\ntrue"
+            )
+
+    server = threading.Thread(target=answer_once_then_die, daemon=True)
+    server.start()
+    save_dir = tmp_path / "run"
+    try:
+        result = subprocess.run(
+            [*FLOW_TML, "train", "--save-dir", str(save_dir), "--epochs", "1", "--json"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PREFECT_API_URL": api_url},
+            timeout=300,
+        )
+    finally:
+        listener.close()
+        server.join(timeout=5)
+    assert request_lines == [b"GET /api/health HTTP/1.1"]  # the CLI's check passed
+    assert result.returncode == EXIT_PREFECT_API, result.stderr[-3000:]
+    last = result.stderr.splitlines()[-1].removeprefix("error: ")
+    assert last.startswith(
+        f"the Prefect API at {api_url} (PREFECT_API_URL, from the environment) stopped "
+        "answering during this run: connection refused."
+    ), result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "error": last,
+        "exit_code": EXIT_PREFECT_API,
+    }
