@@ -7,6 +7,12 @@ checkpoint, and marks it done. It stops after the run's final checkpoint (from `
 or after ``timeout`` seconds with nothing new. Restart-safe: done checkpoints are "Skipped".
 A ``save_dir`` that does not exist fails at once unless ``wait_for_run`` (a typo would otherwise
 wait silently for the whole timeout); while it waits, it says for what.
+
+Started by an event instead (the ``evaluate`` deployment's trigger on
+``tml.checkpoint.committed``, ``checkpoint`` = the event's checkpoint), it evaluates that
+checkpoint and every other committed one of the run not yet evaluated on the partition, then
+stops: a burst of commits is taken by whichever run comes first, the others find it done.
+After each evaluation the run's checkpoint table and loss curve get a new version.
 """
 
 from __future__ import annotations
@@ -14,13 +20,20 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from tasks.evaluation import evaluate_checkpoint_task
-from tasks.naming import artifact_key, experiment, flow_run_namer
-from tml_checkpointing import checkpoints_iterator, step_from_checkpoint
-from tml_checkpointing.filesystem import parent_url
+from flows.reporting import publish_checkpoints
+from tasks.evaluation import evaluate_checkpoint_task, one_evaluation_at_a_time
+from tasks.naming import artifact_key, flow_run_namer, tag_run_with_experiment
+from tasks.naming import experiment as experiment_of
+from tml_checkpointing import (
+    checkpoints_iterator,
+    is_committed,
+    is_done_eval,
+    list_checkpoints,
+    step_from_checkpoint,
+)
 from training.evaluation import EvalConfig, EvalResult, await_run
 from training.run_info import RunInfoMissingError, read_run_info
 
@@ -47,6 +60,7 @@ def evaluate(
     poll_seconds: float = 10,
     storage_options: dict[str, Any] | None = None,
     wait_for_run: bool = False,
+    checkpoint: str | None = None,
 ) -> EvalSummary:
     """Evaluate each committed checkpoint of ``save_dir`` on ``partition`` (in step order).
 
@@ -61,6 +75,9 @@ def evaluate(
         storage_options: Options for the fsspec filesystem of ``save_dir``.
         wait_for_run: Wait (up to ``timeout``) for a run to start in ``save_dir`` instead of
             failing at once when it does not exist yet.
+        checkpoint: Set by the deployment's trigger from a ``tml.checkpoint.committed``
+            event: evaluate this checkpoint and any other of ``save_dir`` not evaluated yet
+            on ``partition``, then stop (no following, no waiting). Empty: follow the run.
 
     A ``save_dir`` that does not exist fails at once (``RunNotFoundError``) unless
     ``wait_for_run``.
@@ -74,7 +91,28 @@ def evaluate(
         storage_options=storage_options,
         wait_for_run=wait_for_run,
     )
+    tag_run_with_experiment(save_dir)
+    if checkpoint:
+        return evaluate_pending(config, checkpoint)
     return follow_and_evaluate(config)
+
+
+def evaluate_pending(config: EvalConfig, trigger: str) -> EvalSummary:
+    """Evaluate ``trigger`` and every other committed checkpoint of the run that the partition
+    has not evaluated, oldest first (what an event-started run does)."""
+    logger = get_run_logger()
+    options = config.storage_options
+    logger.info("Started for %s on %s", trigger, config.partition)
+    if not is_committed(trigger, options):
+        logger.warning("%s is no longer committed (pruned?); evaluating the others.", trigger)
+    with one_evaluation_at_a_time(config, log=logger.info):  # the done-checks too
+        results = [
+            _evaluate(config, candidate.path)
+            for candidate in list_checkpoints(config.save_dir, options)
+            if candidate.path == trigger
+            or not is_done_eval(candidate.path, config.partition, storage_options=options)
+        ]
+    return _summarize(config, results, _final_step(config))
 
 
 def follow_and_evaluate(config: EvalConfig) -> EvalSummary:
@@ -90,11 +128,8 @@ def follow_and_evaluate(config: EvalConfig) -> EvalSummary:
         storage_options=config.storage_options,
     ):
         step = step_from_checkpoint(checkpoint)
-        state = evaluate_checkpoint_task(config, checkpoint, step, return_state=True)
-        result: EvalResult = state.result()
-        results.append(result)
-        if result.status == "evaluated":
-            _publish_checkpoint_metrics(result)
+        with one_evaluation_at_a_time(config, log=logger.info):
+            results.append(_evaluate(config, checkpoint))
         final_step = _final_step(config)
         if final_step is not None and step >= final_step:
             logger.info("Evaluated the run's final checkpoint (step %s); done.", step)
@@ -102,6 +137,25 @@ def follow_and_evaluate(config: EvalConfig) -> EvalSummary:
         _log_wait(config, step, final_step)
     else:
         logger.warning("No new checkpoint for %ss; stopping (timeout).", config.timeout)
+    return _summarize(config, results, final_step)
+
+
+def _evaluate(config: EvalConfig, checkpoint: str) -> EvalResult:
+    """One checkpoint through the task (the caller holds the evaluation slot); a new version of
+    the run's table when evaluated."""
+    step = step_from_checkpoint(checkpoint)
+    result: EvalResult = evaluate_checkpoint_task(
+        config, checkpoint, step, return_state=True
+    ).result()
+    if result.status == "evaluated":
+        moment = f"after the {config.partition} evaluation of step {step}"
+        publish_checkpoints(config.save_dir, config.storage_options, moment=moment)
+    return result
+
+
+def _summarize(
+    config: EvalConfig, results: list[EvalResult], final_step: int | None
+) -> EvalSummary:
     summary = EvalSummary(
         save_dir=config.save_dir,
         partition=config.partition,
@@ -134,17 +188,6 @@ def _final_step(config: EvalConfig) -> int | None:
         return None
 
 
-def _publish_checkpoint_metrics(result: EvalResult) -> None:
-    create_table_artifact(
-        key=artifact_key("eval", result.partition, experiment(parent_url(result.checkpoint))),
-        table=[
-            {"metric": name, "value": round(value, 6)}
-            for name, value in sorted(result.metrics.items())
-        ],
-        description=f"{result.partition} metrics of {result.checkpoint}",
-    )
-
-
 def _publish_summary(summary: EvalSummary) -> None:
     rows = "\n".join(
         f"| {r.step} | {r.status} | {r.metrics.get('loss', float('nan')):.4f} "
@@ -152,7 +195,7 @@ def _publish_summary(summary: EvalSummary) -> None:
         for r in summary.results
     )
     create_markdown_artifact(
-        key=artifact_key("eval-summary", summary.partition, experiment(summary.save_dir)),
+        key=artifact_key("eval-summary", summary.partition, experiment_of(summary.save_dir)),
         markdown=(
             f"# Evaluation of `{summary.save_dir}` on `{summary.partition}`\n\n"
             f"Reached the final checkpoint: {summary.reached_final}\n\n"

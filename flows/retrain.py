@@ -133,21 +133,34 @@ def retrain(
         if final:
             lineage.metrics[partition] = final[0].metrics
     write_lineage(lineage, storage_options)
+    previous = read_lineage(lineage.previous_run, storage_options) if lineage.previous_run else None
     create_markdown_artifact(
         key=artifact_key("retrain-lineage", experiment(runs_dir)),
-        markdown=(
-            f"# Retraining `{run_dir}`\n\n"
-            f"- previous run: `{lineage.previous_run or 'none (first run)'}`\n"
-            f"- warm start from: `{lineage.warm_start_checkpoint or 'scratch'}`\n"
-            f"- final checkpoint: `{lineage.final_checkpoint}`\n"
-            + "".join(
-                f"- {partition} loss: {metrics.get('loss', float('nan')):.4f}\n"
-                for partition, metrics in lineage.metrics.items()
-            )
-        ),
-        description="Retraining lineage",
+        markdown=lineage_markdown(lineage, previous),
+        description="Retraining lineage, and how this run compares with the previous one",
     )
     return lineage
+
+
+def lineage_markdown(lineage: Lineage, previous: Lineage | None) -> str:
+    """The lineage artifact: where this run came from, and each metric beside the previous
+    run's (what a person checks every morning: did the nightly model get better?)."""
+    lines = [
+        f"# Retraining `{lineage.run_dir}`\n",
+        f"- previous run: `{lineage.previous_run or 'none (first run)'}`",
+        f"- warm start from: `{lineage.warm_start_checkpoint or 'scratch'}`",
+        f"- final checkpoint: `{lineage.final_checkpoint}`\n",
+    ]
+    if lineage.metrics:
+        lines += ["| metric | this run | previous run | change |", "|---|---|---|---|"]
+        for partition, metrics in sorted(lineage.metrics.items()):
+            before = previous.metrics.get(partition, {}) if previous else {}
+            for name, value in sorted(metrics.items()):
+                old = before.get(name)
+                change = "" if old is None else f"{value - old:+.4f}"
+                shown = "n/a" if old is None else f"{old:.4f}"
+                lines.append(f"| {partition}/{name} | {value:.4f} | {shown} | {change} |")
+    return "\n".join(lines) + "\n"
 
 
 def dated_run_name(when: datetime | None) -> str:

@@ -23,10 +23,18 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.reporting import ThrottledReport
 from flows.signals import exiting
 from recipes.base import DEFAULT_RECIPE
-from tasks.naming import artifact_key, experiment, flow_run_namer
+from tasks.checkpoint_events import CheckpointAnnouncer
+from tasks.naming import artifact_key, experiment, flow_run_namer, tag_run_with_experiment
 from tasks.training import DEFAULT_TASK_RETRIES, train_epoch_task
+from tml_checkpointing import (
+    CheckpointError,
+    join_url,
+    read_checkpoint_metrics,
+    step_from_checkpoint,
+)
 from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_finish
 from tml_checkpointing.errors import PreemptedError
 from tml_checkpointing.incremental import DEFAULT_FULL_EVERY, MIN_CHAINED_BYTES
@@ -46,6 +54,7 @@ class TrainResult(BaseModel):
     final_step: int
     checkpoint: str
     resumed_from: str
+    initial_checkpoint: str | None = None  # warm start: the weights this run started from
     epochs_run: list[int]
     epochs_skipped: list[int]
     evaluators_finished: list[str] = []
@@ -155,6 +164,7 @@ def train(
     )
     layout = NodeLayout(node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     layout.check(config)
+    tag_run_with_experiment(save_dir)
     owner = f"train flow run {flow_run.get_name()} ({flow_run.get_id()})"
     try:
         # Everything that can refuse this start, before the first write (lock, run.json).
@@ -239,9 +249,7 @@ def run_training(
     if layout.node_rank == 0:
         record_run_start(config, start)
     resumed_from = start.resumed_from
-    logger.info(
-        "Run %s: %s", config.save_dir, f"resuming from {resumed_from}" if resumed_from else "fresh"
-    )
+    logger.info("Run %s: %s", config.save_dir, _start_description(config, resumed_from))
     progress = create_progress_artifact(
         progress=0.0,
         key=artifact_key("train-progress", experiment(config.save_dir)),
@@ -249,14 +257,30 @@ def run_training(
     )
     results: list[EpochResult] = []
     epoch_task = train_epoch_task.with_options(retries=epoch_retries)
+    session = get_session(config)
+    announcer = CheckpointAnnouncer(
+        config.save_dir,
+        lambda step: _describe_checkpoint(config, session.checkpoint_metrics, step),
+        after_step=step_from_checkpoint(resumed_from) if resumed_from else 0,
+        storage_options=config.storage_options,
+    )
+    report = ThrottledReport(config.save_dir, config.storage_options)
+    publishes = layout.node_rank == 0  # node 0 owns save_dir and its artifacts
     try:
-        with preemption_guard() as guard:
-            get_session(config).preemption = guard
+        with preemption_guard() as guard, announcer:
+            session.preemption = guard
             for epoch in range(config.epochs):
                 # A skipped epoch returns a "Skipped" state; .result() gives its data either way.
                 state = epoch_task(config, epoch, layout, return_state=True)
                 results.append(state.result())
                 update_progress_artifact(progress, progress=100.0 * (epoch + 1) / config.epochs)
+                if publishes and config.world_size > 1:  # ranks committed in their processes
+                    _catch_up(announcer)
+                if publishes and results[-1].status == "trained":
+                    report.epoch_trained(epoch)
+            if publishes:
+                _catch_up(announcer)
+                report.flush()
     except PreemptedError as preempted:
         logger.warning("%s", preempted)
         # Exiting (not failing) marks the flow run Crashed, and no in-process retry starts on
@@ -269,10 +293,42 @@ def run_training(
         final_step=results[-1].last_step,
         checkpoint=results[-1].checkpoint,
         resumed_from=resumed_from,
+        initial_checkpoint=config.initial_checkpoint,
         epochs_run=[r.epoch for r in results if r.status == "trained"],
         epochs_skipped=[r.epoch for r in results if r.status == "skipped"],
         epochs=results,
     )
+
+
+def _start_description(config: TrainConfig, resumed_from: str) -> str:
+    if resumed_from:
+        return f"resuming from {resumed_from}"
+    if config.initial_checkpoint:
+        return f"fresh, warm-started from the weights of {config.initial_checkpoint}"
+    return "fresh"
+
+
+def _describe_checkpoint(
+    config: TrainConfig, saved_here: dict[int, dict[str, float]], step: int
+) -> dict[str, Any]:
+    """What a ``tml.checkpoint.committed`` event says of a checkpoint beyond its step."""
+    metrics = saved_here.get(step)
+    if metrics is None:  # committed by another process (a rank under torchrun)
+        checkpoint = join_url(config.save_dir, str(step))
+        metrics = read_checkpoint_metrics(checkpoint, storage_options=config.storage_options)
+    return {
+        "epoch": config.epoch_of_step(step),
+        "mid_epoch": step % config.steps_per_epoch != 0,
+        "metrics": dict(metrics),
+    }
+
+
+def _catch_up(announcer: CheckpointAnnouncer) -> None:
+    """Announce what other processes (ranks) committed; an unreadable listing is only logged."""
+    try:
+        announcer.catch_up()
+    except CheckpointError as error:
+        get_run_logger().warning("Checkpoint events not caught up: %s", error)
 
 
 def _publish(result: TrainResult) -> None:
@@ -282,6 +338,7 @@ def _publish(result: TrainResult) -> None:
             {
                 "epoch": r.epoch,
                 "status": r.status,
+                "attempt": r.attempt,
                 "steps": f"{r.first_step}-{r.last_step}",
                 "steps run": r.steps_run,
                 "mean loss": None if r.mean_loss is None else round(r.mean_loss, 5),
@@ -293,11 +350,15 @@ def _publish(result: TrainResult) -> None:
         description=f"Epochs of {result.save_dir}",
     )
     skipped = ", ".join(map(str, result.epochs_skipped)) or "none"
+    warm = f"warm start from `{result.initial_checkpoint}`" if result.initial_checkpoint else ""
+    started = f"`{result.resumed_from}`" if result.resumed_from else warm or "scratch"
+    if result.resumed_from and warm:
+        started += f" (the run began with a {warm})"
     create_markdown_artifact(
         key=artifact_key("train-summary", experiment(result.save_dir)),
         markdown=(
             f"# Training run `{result.save_dir}`\n\n"
-            f"- resumed from: `{result.resumed_from or 'scratch'}`\n"
+            f"- resumed from: {started}\n"
             f"- epochs trained: {', '.join(map(str, result.epochs_run)) or 'none'}\n"
             f"- epochs skipped (restored from checkpoint): {skipped}\n"
             f"- final step: {result.final_step}\n"

@@ -8,9 +8,12 @@ artifact keys allow lowercase letters, digits and dashes only.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
+from uuid import UUID
 
+from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run, task_run
 
 
@@ -31,6 +34,9 @@ def flow_run_namer(flow: str, directory_parameter: str, *details: str) -> Callab
         parameters = flow_run.parameters
         directory = str(parameters.get(directory_parameter, "?"))
         shown = [f"{key}={parameters[key]}" for key in details if key in parameters]
+        checkpoint = parameters.get("checkpoint")  # an event-started evaluation: which step
+        if checkpoint:
+            shown.append(f"step {str(checkpoint).rstrip('/').rsplit('/', 1)[-1]}")
         return " · ".join([flow, experiment(directory), *shown])
 
     return name
@@ -42,3 +48,22 @@ def epoch_task_run_name() -> str:
     config = parameters.get("config")
     directory = getattr(config, "save_dir", "?")
     return f"epoch {parameters.get('epoch', '?')} · {experiment(str(directory))}"
+
+
+def tag_run_with_experiment(save_dir: str) -> None:
+    """Add ``experiment:<name>`` to the running flow run's tags (filterable in the runs list).
+
+    Tags of a deployment's run are fixed before the flow starts; the experiment is a parameter,
+    so the flow adds it itself. Best effort: a run is not failed for a tag.
+    """
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    tag = f"experiment:{experiment(save_dir)}"
+    try:
+        with get_client(sync_client=True) as client:
+            tags = set(client.read_flow_run(UUID(run_id)).tags)
+            if tag not in tags:
+                client.update_flow_run(UUID(run_id), tags=sorted(tags | {tag}))
+    except Exception as error:  # the API is the only thing that can fail here
+        logging.getLogger(__name__).warning("Run not tagged %s: %s", tag, error)

@@ -19,6 +19,7 @@ from prefect.runtime import task_run
 from prefect.states import Completed
 
 from tasks.naming import epoch_task_run_name
+from tml_checkpointing import CheckpointError, write_checkpoint_metrics
 from training.config import TrainConfig
 from training.failures import retry_cannot_help
 from training.launch import NodeLayout, train_epoch_on_ranks
@@ -50,7 +51,7 @@ def train_epoch_task(config: TrainConfig, epoch: int, layout: NodeLayout | None 
             attempt,
         )
     try:
-        return _train_epoch(config, epoch, layout, logger)
+        return _train_epoch(config, epoch, layout, logger, attempt)
     except Exception as error:
         logger.warning(
             "epoch %s: attempt %s failed: %s: %s", epoch, attempt, type(error).__name__, error
@@ -58,8 +59,11 @@ def train_epoch_task(config: TrainConfig, epoch: int, layout: NodeLayout | None 
         raise
 
 
-def _train_epoch(config: TrainConfig, epoch: int, layout: NodeLayout | None, logger: Any) -> Any:
+def _train_epoch(
+    config: TrainConfig, epoch: int, layout: NodeLayout | None, logger: Any, attempt: int
+) -> Any:
     session = get_session(config)
+    session.attempt = attempt
     if config.world_size == 1:
         result: EpochResult = train_epoch(session, epoch, log=logger.info)
     else:
@@ -72,6 +76,18 @@ def _train_epoch(config: TrainConfig, epoch: int, layout: NodeLayout | None, log
             preemption=session.preemption,
             log=logger.info,
         )
+    result.attempt = attempt
+    if attempt > 1 and result.status == "trained":
+        logger.warning(
+            "epoch %s: attempt %s restored step %s and trained steps %s-%s",
+            epoch,
+            attempt,
+            result.resumed_from_step,
+            result.resumed_from_step + 1,
+            result.last_step,
+        )
+        if config.world_size > 1:  # the ranks recorded their metrics without the attempt
+            _record_attempt(result.checkpoint, attempt, config)
     if result.status == "skipped":
         return Completed(
             name="Skipped",
@@ -79,6 +95,15 @@ def _train_epoch(config: TrainConfig, epoch: int, layout: NodeLayout | None, log
             data=result,
         )
     return result
+
+
+def _record_attempt(checkpoint: str, attempt: int, config: TrainConfig) -> None:
+    try:
+        write_checkpoint_metrics(
+            checkpoint, {"train_attempt": float(attempt)}, storage_options=config.storage_options
+        )
+    except CheckpointError as error:
+        get_run_logger().warning("Attempt of %s not recorded: %s", checkpoint, error)
 
 
 def _retryable(state: State) -> bool:

@@ -202,7 +202,20 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         _wait_until_healthy(f"{api_url}/health", process, log_path)
         yield PrefectServer(api_url=api_url, process=process)
     finally:
+        _drain_prefect_workers()
         _stop_group(process)
+
+
+def _drain_prefect_workers() -> None:
+    """Send the logs and events still queued in this process while the server is up (else
+    Prefect prints "Error logging to API" at exit, when it tries after the server stopped)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=10)
+    APILogWorker.drain_all(timeout=10)
 
 
 def _wait_until_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

@@ -2,9 +2,11 @@
 
 Against the session's real ``prefect server``: create the process work pool, ``prefect
 --no-prompt deploy --all`` from the repository root, ``prefect deployment run 'train/train'``,
-``prefect worker start --run-once`` from an unrelated directory (the pull step must lead the
-flow run to the code), then check through the API that the run completed, its checkpoint
-exists, and the nightly retraining schedule created its future runs.
+a ``prefect worker`` started from an unrelated directory (the pull step must lead each flow
+run to the code), then check through the API that the run completed, its checkpoints exist,
+each ``tml.checkpoint.committed`` event started an ``evaluate`` run that nobody asked for, every
+checkpoint was evaluated exactly once, the per-run artifacts carry the experiment's keys, and
+the nightly retraining schedule created its future runs.
 
 Every CLI process runs the repository's code (``cwd`` and ``PYTHONPATH`` = the repository root)
 in its own process group, killed in ``finally`` whatever happens.
@@ -13,32 +15,37 @@ in its own process group, killed in ``finally`` whatever happens.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 from uuid import UUID
 
+import psutil
 import pytest
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
     DeploymentFilter,
     DeploymentFilterId,
     FlowRunFilter,
+    FlowRunFilterId,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 
-from tml_checkpointing import get_checkpoint, step_from_checkpoint
+from tml_checkpointing import get_checkpoint, get_checkpoints, is_done_eval, step_from_checkpoint
 
 from .conftest import PrefectServer
 
@@ -101,8 +108,8 @@ def poll(read: Callable[[], T], done: Callable[[T], bool], what: str, limit_s: f
         time.sleep(0.2)
 
 
-@pytest.mark.timeout(240)
-def test_deploy_run_with_worker_and_nightly_schedule(
+@pytest.mark.timeout(420)
+def test_deploy_run_with_worker_events_and_nightly_schedule(
     prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     env = cli_env(prefect_api)
@@ -118,9 +125,9 @@ def test_deploy_run_with_worker_and_nightly_schedule(
             "--param",
             f"save_dir={save_dir}",
             "--param",
-            "epochs=1",
+            "epochs=2",
             "--param",
-            "steps_per_epoch=3",
+            "steps_per_epoch=2",
             "--param",
             "batch_size=32",
         ],
@@ -130,21 +137,53 @@ def test_deploy_run_with_worker_and_nightly_schedule(
     assert match, output
     flow_run_id = UUID(match.group(1))
 
-    # A worker started elsewhere: only the deployment's pull step leads it to the code.
+    # A worker started elsewhere: only the deployment's pull step leads it to the code. It
+    # serves the train run and the evaluate runs the checkpoint events start.
     elsewhere = tmp_path / "worker-cwd"
     elsewhere.mkdir()
-    worker_output = prefect(
-        ["worker", "start", "--pool", POOL, "--run-once"], env, cwd=elsewhere, timeout=120
-    )
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
+            cwd=elsewhere,
+            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        check_deployed_runs(flow_run_id, save_dir, worker_log)
+    finally:
+        kill_tree(worker)
+        # Later tests' checkpoints must not start evaluate runs that no worker serves.
+        with get_client(sync_client=True) as client:
+            evaluate = client.read_deployment_by_name("evaluate/evaluate")
+            client.delete_resource_owned_automations(f"prefect.deployment.{evaluate.id}")
+
+
+def kill_tree(process: subprocess.Popen[str]) -> None:
+    """The worker, and the flow-run processes it started (each in a session of its own)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    kill_group(process)
+
+
+def check_deployed_runs(flow_run_id: UUID, save_dir: Path, worker_log: Path) -> None:
+    def worker_output() -> str:
+        return worker_log.read_text()[-5000:]
 
     with get_client(sync_client=True) as client:
         run: FlowRun = poll(
             lambda: client.read_flow_run(flow_run_id),
             lambda r: r.state is not None and r.state.is_final(),
             "train flow run final",
+            limit_s=180,
         )
         assert run.state is not None
-        assert run.state.type == StateType.COMPLETED, f"{run.state!r}\n{worker_output}"
+        assert run.state.type == StateType.COMPLETED, f"{run.state!r}\n{worker_output()}"
         assert run.parameters["save_dir"] == str(save_dir)
         # Flow retries set by the deployment's job variables reached the flow run.
         assert run.empirical_policy.retries == 1
@@ -184,9 +223,11 @@ def test_deploy_run_with_worker_and_nightly_schedule(
             "scheduled runs of retrain-nightly",
         )
 
+        check_event_started_evaluations(client, save_dir, worker_output)
+
     checkpoint = get_checkpoint(str(save_dir))
-    assert checkpoint == f"{save_dir}/3"
-    assert step_from_checkpoint(checkpoint) == 3
+    assert checkpoint == f"{save_dir}/4"
+    assert step_from_checkpoint(checkpoint) == 4
 
     now = datetime.now(UTC)
     starts = sorted(r.expected_start_time for r in scheduled if r.expected_start_time)
@@ -196,3 +237,54 @@ def test_deploy_run_with_worker_and_nightly_schedule(
         assert (start_utc.hour, start_utc.minute, start_utc.second) == (2, 0, 0), start
         assert start_utc > now
     assert starts[0] - now <= timedelta(days=1)  # the next 02:00 UTC is among them
+
+
+def check_event_started_evaluations(
+    client: SyncPrefectClient, save_dir: Path, worker_output: Callable[[], str]
+) -> None:
+    """Each committed checkpoint's event started an evaluate run by itself; together they
+    evaluated every checkpoint exactly once, and the run's checkpoint table shows the metrics."""
+    evaluate = client.read_deployment_by_name("evaluate/evaluate")
+    checkpoints = get_checkpoints(str(save_dir))
+    assert checkpoints == [f"{save_dir}/2", f"{save_dir}/4"]
+
+    def evaluate_runs() -> list[FlowRun]:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[evaluate.id]))
+        )
+        return [r for r in runs if r.parameters.get("save_dir") == str(save_dir)]
+
+    runs = poll(
+        evaluate_runs,
+        lambda runs: (
+            len(runs) == len(checkpoints)
+            and all(r.state is not None and r.state.is_final() for r in runs)
+        ),
+        "evaluate runs started by checkpoint events, finished",
+        limit_s=180,
+    )
+    for run in runs:
+        assert run.state is not None
+        assert run.state.type == StateType.COMPLETED, f"{run.state!r}\n{worker_output()}"
+        assert run.created_by is not None and run.created_by.type == "AUTOMATION", run.created_by
+        assert run.parameters["partition"] == "validation"  # the deployment's own default
+    assert sorted(r.parameters["checkpoint"] for r in runs) == checkpoints
+    assert sorted(r.name for r in runs) == [
+        f"evaluate · run · partition=validation · step {step}" for step in (2, 4)
+    ]
+
+    task_runs = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs]))
+    )
+    evaluated = Counter(t.name for t in task_runs if t.state and t.state.name == "Completed")
+    assert evaluated == {"validation-step-2": 1, "validation-step-4": 1}, task_runs
+    assert all(is_done_eval(c, "validation") for c in checkpoints)
+
+    table = client.read_latest_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["checkpoints-run"]))
+    )
+    rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+    assert [(row["step"], row["validation/loss"] is not None) for row in rows] == [
+        (2, True),
+        (4, True),
+    ]

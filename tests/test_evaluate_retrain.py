@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.evaluate import EvalSummary, evaluate
 from flows.retrain import Lineage, read_lineage, retrain
@@ -99,6 +101,19 @@ def test_retrain_twice_warm_starts_from_the_previous_run(
     assert second.previous_run == f"{runs_dir}/20261128T020000Z"
     assert second.warm_start_checkpoint == first.final_checkpoint
     assert read_lineage(second.run_dir) == second  # recorded next to the run
+    # The lineage artifact puts each metric beside the previous night's.
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-lineage-runs"]))
+        )
+        (summary,) = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["train-summary-20261129t020000z"])
+            )
+        )
+    now, before = second.metrics["validation"]["loss"], first.metrics["validation"]["loss"]
+    assert f"| validation/loss | {now:.4f} | {before:.4f} | {now - before:+.4f} |" in artifact.data
+    assert f"- resumed from: warm start from `{first.final_checkpoint}`" in summary.data
 
     warm = TrainConfig(
         save_dir=str(tmp_path / "warm-reference"),

@@ -19,13 +19,17 @@ import torch
 from pydantic import BaseModel
 
 from tml_checkpointing import (
+    CheckpointError,
+    CheckpointNotFoundError,
     CheckpointWriteError,
     PreemptionGuard,
     RetentionPolicy,
     join_url,
     prune,
+    read_checkpoint_metrics,
     save_final_checkpoint,
     step_from_checkpoint,
+    write_checkpoint_metrics,
 )
 
 from .collective import any_rank, is_primary
@@ -52,6 +56,7 @@ class EpochResult(BaseModel):
     mean_loss: float | None = None
     steps_per_second: float | None = None
     seconds: float = 0.0
+    attempt: int = 1  # which attempt of the epoch's task trained it (a retry shows as 2, 3...)
 
 
 def train_epoch(
@@ -71,6 +76,8 @@ def train_epoch(
     latest_step = step_from_checkpoint(latest) if latest else 0
     if latest_step >= last:
         log(f"epoch {epoch}: skipped, checkpoint at step {latest_step} covers steps {first}-{last}")
+        # The epoch's loss as the run that trained it recorded it (gone if pruned).
+        recorded = read_checkpoint_metrics(checkpoint, storage_options=config.storage_options)
         return EpochResult(
             epoch=epoch,
             status="skipped",
@@ -78,6 +85,7 @@ def train_epoch(
             first_step=first,
             last_step=last,
             resumed_from_step=latest_step,
+            mean_loss=recorded.get(EPOCH_LOSS),
         )
 
     resumed_from = session.sync_with_storage(latest)
@@ -90,6 +98,7 @@ def train_epoch(
     model, optimizer, snapshot = session.recipe.model, session.recipe.optimizer, session.snapshot
     model.train()
     losses: list[float] = []
+    saved: dict[int, dict[str, float]] = {}  # this epoch's checkpoints and their metrics
     started = accounted = time.perf_counter()
 
     def account_walltime() -> None:
@@ -116,19 +125,25 @@ def train_epoch(
             guard = session.preemption
             if any_rank(guard is not None and guard.requested):  # every rank stops here
                 account_walltime()
+                _note_metrics(session, saved, step, losses)
                 save_final_checkpoint(snapshot, step, guard or PreemptionGuard())  # raises
             every = config.checkpoint_every_steps
             if step < last and (step == step_last or (every and step % every == 0)):
                 account_walltime()
+                _note_metrics(session, saved, step, losses)
                 snapshot.save(step)  # mid-epoch, or an earlier epoch's end while catching up
                 log(f"epoch {epoch}: saving mid-epoch checkpoint at step {step}")
         account_walltime()
+        _note_metrics(session, saved, last, losses, epoch_loss=sum(losses) / len(losses))
         snapshot.save(last)
         snapshot.wait()
         if is_primary():
+            _record_metrics(session, saved)
             _apply_retention(session)
     except BaseException:
         _drain_pending_save(session)
+        if is_primary():  # what this attempt committed before it failed keeps its metrics
+            _record_metrics(session, saved)
         raise
     session.synced_step = last
     seconds = time.perf_counter() - started
@@ -150,6 +165,47 @@ def train_epoch(
         + (f" (resumed from step {resumed_from})" if resumed_from >= first else "")
     )
     return result
+
+
+EPOCH_LOSS = "epoch_loss"
+"""Key, in the metrics of an epoch's final checkpoint, of the epoch's mean training loss (as
+far as this process trained it): what a resumed run shows for the epoch it skips."""
+
+
+def _note_metrics(
+    session: TrainingSession,
+    saved: dict[int, dict[str, float]],
+    step: int,
+    losses: list[float],
+    epoch_loss: float | None = None,
+) -> None:
+    """The training metrics of the checkpoint about to be saved at ``step``: the mean loss of
+    the steps since the previous save, and the attempt that trained them."""
+    interval = losses[sum(int(m["train_steps"]) for m in saved.values()) :]
+    metrics = {
+        "train_loss": sum(interval) / len(interval),
+        "train_steps": float(len(interval)),
+        "train_attempt": float(session.attempt),
+    }
+    if epoch_loss is not None:
+        metrics[EPOCH_LOSS] = epoch_loss
+    saved[step] = metrics
+    session.checkpoint_metrics[step] = metrics
+
+
+def _record_metrics(session: TrainingSession, saved: dict[int, dict[str, float]]) -> None:
+    """Write each committed checkpoint's training metrics next to it (``metrics.json``, read
+    by tables and ``keep_best``). Informational: a failure is logged, training goes on; a save
+    that did not commit (its attempt failed) has no checkpoint to record them for."""
+    config = session.config
+    for step, metrics in saved.items():
+        checkpoint = join_url(config.save_dir, str(step))
+        try:
+            write_checkpoint_metrics(checkpoint, metrics, storage_options=config.storage_options)
+        except CheckpointNotFoundError:
+            continue
+        except CheckpointError as error:
+            logger.warning("Training metrics of %s not recorded: %s", checkpoint, error)
 
 
 def _apply_retention(session: TrainingSession) -> None:

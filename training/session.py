@@ -48,6 +48,12 @@ class TrainingSession:
         # First step trained with this config (run.json's current segment; set at the start):
         # a checkpoint before it was written under other parameters.
         self.config_from_step = 1
+        # Which attempt of its epoch task is running (set by the task; 1 outside Prefect):
+        # recorded with each checkpoint's training metrics, so a retry shows in the tables.
+        self.attempt = 1
+        # Training metrics of each checkpoint this process saved, by step (train_loss, ...):
+        # what the checkpoint's Prefect event carries (written next to it as well).
+        self.checkpoint_metrics: dict[int, dict[str, float]] = {}
         self._build()
 
     def _build(self) -> None:
