@@ -11,7 +11,7 @@ TORCH_SPEC := torch==2.13.0
 # fbgemm-gpu-cpu in place of fbgemm-gpu, are the `torchrec` extra in pyproject.toml.
 TORCHREC_SPEC := torchrec==1.8.0
 
-.PHONY: setup demo test quick lint typecheck bench bench-quick clean
+.PHONY: setup demo test quick lint typecheck bench bench-quick screenshots clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,14 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/bench_fast.py --quick
 	$(BIN)/python benchmarks/bench_incremental.py --quick
+
+# Refreshes docs/screenshots/*.png (the README's Prefect UI pictures), ~70 s: a private Prefect
+# server, `prefect deploy --all`, a worker, one train run and the evaluations its checkpoint
+# events start, photographed in headless Chromium. Needs Debian's chromium
+# (apt-get install -y chromium); the `screenshots` extra brings playwright.
+screenshots: $(STAMP)
+	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[screenshots]"
+	$(BIN)/python scripts/ui_screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
