@@ -25,8 +25,7 @@ from pydantic import BaseModel
 
 from flows.reporting import publish_checkpoints
 from tasks.evaluation import evaluate_checkpoint_task, one_evaluation_at_a_time
-from tasks.naming import artifact_key, flow_run_namer, tag_run_with_experiment
-from tasks.naming import experiment as experiment_of
+from tasks.naming import artifact_key, experiment, flow_run_namer, tag_run_with_experiment
 from tml_checkpointing import (
     checkpoints_iterator,
     is_committed,
@@ -195,7 +194,7 @@ def _publish_summary(summary: EvalSummary) -> None:
         for r in summary.results
     )
     create_markdown_artifact(
-        key=artifact_key("eval-summary", summary.partition, experiment_of(summary.save_dir)),
+        key=artifact_key("eval-summary", summary.partition, experiment(summary.save_dir)),
         markdown=(
             f"# Evaluation of `{summary.save_dir}` on `{summary.partition}`\n\n"
             f"Reached the final checkpoint: {summary.reached_final}\n\n"

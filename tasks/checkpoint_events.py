@@ -76,9 +76,8 @@ class CheckpointAnnouncer:
         self._describe = describe
         self._after_step = after_step
         self._storage_options = storage_options
-        self._announced: set[tuple[str, int]] = (
-            set()
-        )  # (event, step) said once: commits, corruption
+        # (event, step) said once: commits, and corruption found by each of a resume's checks.
+        self._announced: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._context = contextvars.copy_context()
         self._run = {"id": str(flow_run.get_id() or ""), "name": flow_run.get_name() or ""}
