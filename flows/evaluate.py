@@ -49,7 +49,9 @@ class EvalSummary(BaseModel):
 
 @flow(
     name="evaluate",
-    flow_run_name=flow_run_namer("evaluate", "save_dir", "partition"),
+    flow_run_name=flow_run_namer(
+        "evaluate", "save_dir", "partition", checkpoint_parameter="checkpoint"
+    ),
 )
 def evaluate(
     save_dir: str,

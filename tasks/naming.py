@@ -27,14 +27,17 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-def flow_run_namer(flow: str, directory_parameter: str, *details: str) -> Callable[[], str]:
-    """A ``flow_run_name`` callable: ``train · exp1 · epochs=3`` from the run's parameters."""
+def flow_run_namer(
+    flow: str, directory_parameter: str, *details: str, checkpoint_parameter: str | None = None
+) -> Callable[[], str]:
+    """A ``flow_run_name`` callable: ``train · exp1 · epochs=3`` from the run's parameters;
+    ``· step 20`` when ``checkpoint_parameter`` names a checkpoint (an event-started run)."""
 
     def name() -> str:
         parameters = flow_run.parameters
         directory = str(parameters.get(directory_parameter, "?"))
         shown = [f"{key}={parameters[key]}" for key in details if key in parameters]
-        checkpoint = parameters.get("checkpoint")  # an event-started evaluation: which step
+        checkpoint = parameters.get(checkpoint_parameter) if checkpoint_parameter else None
         if checkpoint:
             shown.append(f"step {str(checkpoint).rstrip('/').rsplit('/', 1)[-1]}")
         return " · ".join([flow, experiment(directory), *shown])

@@ -19,7 +19,6 @@ from prefect.runtime import task_run
 from prefect.states import Completed
 
 from tasks.naming import epoch_task_run_name
-from tml_checkpointing import CheckpointError, write_checkpoint_metrics
 from training.config import TrainConfig
 from training.failures import retry_cannot_help
 from training.launch import NodeLayout, train_epoch_on_ranks
@@ -72,6 +71,7 @@ def _train_epoch(
             epoch,
             layout or NodeLayout(),
             config_from_step=session.config_from_step,
+            attempt=attempt,
             inject_failure=claim_injected_failure(config, epoch),
             preemption=session.preemption,
             log=logger.info,
@@ -86,8 +86,6 @@ def _train_epoch(
             result.resumed_from_step + 1,
             result.last_step,
         )
-        if config.world_size > 1:  # the ranks recorded their metrics without the attempt
-            _record_attempt(result.checkpoint, attempt, config)
     if result.status == "skipped":
         return Completed(
             name="Skipped",
@@ -95,15 +93,6 @@ def _train_epoch(
             data=result,
         )
     return result
-
-
-def _record_attempt(checkpoint: str, attempt: int, config: TrainConfig) -> None:
-    try:
-        write_checkpoint_metrics(
-            checkpoint, {"train_attempt": float(attempt)}, storage_options=config.storage_options
-        )
-    except CheckpointError as error:
-        get_run_logger().warning("Attempt of %s not recorded: %s", checkpoint, error)
 
 
 def _retryable(state: State) -> bool:

@@ -26,7 +26,13 @@ import torch
 
 from recipes.base import RecipeParams
 from recipes.torchrec_ranking import TorchRecRankingSizes, build_recipe
-from tml_checkpointing import Snapshot, get_checkpoint, is_done_eval, verify_checkpoint
+from tml_checkpointing import (
+    Snapshot,
+    get_checkpoint,
+    is_done_eval,
+    read_checkpoint_metrics,
+    verify_checkpoint,
+)
 
 from .conftest import PrefectServer, S3Server, free_port
 from .training_helpers import assert_bit_identical, checkpoint_tensors
@@ -142,6 +148,12 @@ def test_sigkill_of_one_rank_is_retried_and_ends_bit_identical(
         assert epoch in launched and int(step) >= end_of_epoch, (at, covered)
     summary = json.loads(lines[-1])
     assert summary["final_step"] == 18 and summary["checkpoint"] == f"{save_dir}/18"
+    # The ranks of a relaunched epoch record its attempt with its checkpoint (metrics.json).
+    for epoch in {e for e in launched if launched.count(e) == 2}:
+        end = f"{save_dir}/{(int(epoch) + 1) * PARAMS['steps_per_epoch']}"
+        assert read_checkpoint_metrics(end)["train_attempt"] == 2.0, (at, launched)
+    for step in range(PARAMS["steps_per_epoch"], 19, PARAMS["steps_per_epoch"]):
+        assert read_checkpoint_metrics(f"{save_dir}/{step}")["train_loss"] > 0  # rank 0 wrote it
     assert_bit_identical(checkpoint_tensors(save_dir), checkpoint_tensors(two_rank_run))
     assert not rank_processes(), "rank processes left behind"
 

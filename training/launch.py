@@ -99,6 +99,7 @@ def train_epoch_on_ranks(
     layout: NodeLayout,
     *,
     config_from_step: int = 1,
+    attempt: int = 1,
     inject_failure: bool = True,
     preemption: PreemptionGuard | None = None,
     log: Callable[[str], object] = print,
@@ -108,6 +109,7 @@ def train_epoch_on_ranks(
     Raises :class:`RankJobFailedError` when any rank failed, and :class:`PreemptedError` when
     ``preemption`` was requested meanwhile (the ranks saved the step in progress first).
     ``inject_failure``: pass ``config.fail_at_step`` on (the caller injects it once per run).
+    ``attempt``: which attempt of the epoch's task this is (recorded with each checkpoint).
     """
     layout.check(config)
     if config.nnodes == 1:  # no other machine waits at a rendezvous: skip without launching
@@ -121,6 +123,7 @@ def train_epoch_on_ranks(
         config_file.write_text(job_config.model_dump_json())
         rank_args = ["--config", str(config_file), "--epoch", str(epoch)]
         rank_args += ["--config-from-step", str(config_from_step), "--result", str(result_file)]
+        rank_args += ["--attempt", str(attempt)]
         command = torchrun_command(config, layout, rank_args)
         log(f"epoch {epoch}: launching {config.nproc_per_node} rank(s) on node {layout.node_rank}")
         returncode, forwarded = _run_forwarding(command, preemption, log)

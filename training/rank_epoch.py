@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="TrainConfig as JSON")
     parser.add_argument("--epoch", type=int, required=True)
     parser.add_argument("--config-from-step", type=int, default=1)
+    parser.add_argument("--attempt", type=int, default=1, help="of the epoch's task")
     parser.add_argument("--result", type=Path, required=True, help="written by local rank 0")
     args = parser.parse_args(argv)
     rank = int(os.environ["RANK"])
@@ -100,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with PreemptionGuard() as guard:
             session = TrainingSession(config)
             session.config_from_step = args.config_from_step
+            session.attempt = args.attempt
             session.preemption = guard
             try:
                 result = train_epoch(session, args.epoch, log=logger.info)
