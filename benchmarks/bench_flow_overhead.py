@@ -23,7 +23,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from flows.train import train
 from training.config import TrainConfig
-from training.loop import set_deterministic, train_epoch
+from training.determinism import set_deterministic
+from training.loop import train_epoch
 from training.session import close_session, get_session
 
 COMMON = {"steps_per_epoch": 5, "batch_size": 64, "seed": 0}

@@ -41,8 +41,9 @@ from tml_checkpointing.incremental import DEFAULT_FULL_EVERY, MIN_CHAINED_BYTES
 from tml_checkpointing.locking import WriterLock
 from tml_checkpointing.preemption import PreemptionGuard
 from training.config import TrainConfig
+from training.determinism import set_deterministic
 from training.launch import NodeLayout
-from training.loop import EpochResult, set_deterministic
+from training.loop import EpochResult
 from training.session import close_session, get_session
 from training.start import check_run_start, record_run_start
 

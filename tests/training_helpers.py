@@ -10,7 +10,8 @@ from tml_checkpointing import Snapshot
 from tml_checkpointing.chains import link_of
 from tml_checkpointing.incremental import DELTA_ROOT
 from training.config import TrainConfig
-from training.loop import EpochResult, set_deterministic, train_epoch
+from training.determinism import set_deterministic
+from training.loop import EpochResult, train_epoch
 from training.session import close_session, get_session
 
 

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-import torch
 from pydantic import BaseModel
 
 from tml_checkpointing import (
@@ -34,6 +33,7 @@ from tml_checkpointing import (
 
 from .collective import any_rank, is_primary
 from .config import TrainConfig
+from .determinism import settle_vector_math
 from .session import TrainingSession
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def train_epoch(
             mean_loss=recorded.get(EPOCH_LOSS),
         )
 
+    settle_vector_math()  # in the thread that trains (a Prefect task's, a rank's main thread)
     resumed_from = session.sync_with_storage(latest)
     # Normally resumed_from >= first - 1 (the previous epoch ended committed). It is older when
     # the restore found the newest checkpoint corrupt and fell back: then the steps in between
@@ -250,8 +251,3 @@ def _drain_pending_save(session: TrainingSession) -> None:
         session.snapshot.wait()
     except CheckpointWriteError as error:
         logger.warning("A pending save failed while handling another error: %s", error)
-
-
-def set_deterministic() -> None:
-    """Bit-identical results across processes need deterministic kernels."""
-    torch.use_deterministic_algorithms(True, warn_only=True)

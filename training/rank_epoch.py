@@ -35,7 +35,8 @@ from tml_checkpointing.errors import PreemptedError
 from tml_checkpointing.preemption import PreemptionGuard
 
 from .config import TrainConfig
-from .loop import set_deterministic, train_epoch
+from .determinism import set_deterministic
+from .loop import train_epoch
 from .session import TrainingSession
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
