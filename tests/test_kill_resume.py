@@ -273,7 +273,7 @@ def test_sigkill_at_reported_moments_then_resume(
     assert {"epochs_run", "epochs_skipped"} <= summary.keys()
     try:
         assert_checkpoints_match(save_dir, reference_steps, "after the final run")
-    except AssertionError as error:  # seen twice under load: keep what explains it in the report
+    except AssertionError as error:  # keep what explains a failure in the report
         story = "\n".join(line for line in log.read_text().splitlines() if "obj_out" not in line)
         raise AssertionError(
             f"{error}\nsteps on disk: {sorted(os.listdir(save_dir))}\n"

@@ -9,10 +9,11 @@ Two things, both process-wide:
   vector math, split into chunks over its OpenMP threads. When two threads call one of those
   functions for the first time at the same moment, one of them can get a different
   implementation for that call, which rounds differently. Measured on these machines
-  (2 cores kept busy, fresh processes): 1 process in 120-200 computed its first ``sqrt`` of a
-  16,000-element tensor with 11,614 elements 1 ulp off. In training this was Adam's first
-  step after a restore (``exp_avg_sq.sqrt()``), so the resumed run drifted from the
-  uninterrupted one by an ulp in half of an embedding table's rows, and stayed apart. A
+  (2 cores kept busy, fresh processes, ``scripts/vector_math_race.py``): 1 process in 120-240
+  computed its first ``sqrt`` of a 16,000-element tensor with 7,997 or 11,614 elements off in
+  the last bit. In training this was Adam's first step after a restore
+  (``exp_avg_sq.sqrt()``), so the resumed run drifted from the uninterrupted one by 1-2 ulp
+  in half of an embedding table's rows, and stayed apart. A
   first call made from one thread, on a tensor too small to be split, settles the choice
   before any two threads can race for it. ``train_epoch`` repeats it (0.1 ms) in the thread
   that trains, which under Prefect is a task's worker thread, not the one that set up.
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-# Unary functions PyTorch hands to MKL's vector math library on x86 (ATen's vml.h), in the
-# dtypes a recipe computes in: each one called once is cheap (microseconds).
+# Unary functions ATen may compute through MKL's vector math on x86 (ATen's vml.h; a few
+# more cost nothing), in the dtypes a recipe computes in: each call takes microseconds.
 VECTOR_MATH_FUNCTIONS = (
     "sqrt", "rsqrt", "reciprocal", "exp", "expm1", "log", "log1p", "log2", "log10",
     "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh",
