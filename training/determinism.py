@@ -9,9 +9,9 @@ Two things, both process-wide:
   vector math, split into chunks over its OpenMP threads. When two threads call one of those
   functions for the first time at the same moment, one of them can get a different
   implementation for that call, which rounds differently. Measured on these machines
-  (2 cores kept busy, fresh processes, ``scripts/vector_math_race.py``): 1 process in 120-240
-  computed its first ``sqrt`` of a 16,000-element tensor with 7,997 or 11,614 elements off in
-  the last bit. In training this was Adam's first step after a restore
+  (2 cores kept busy, fresh processes, ``scripts/vector_math_race.py``): 4 processes of 860
+  computed their first ``sqrt`` of a 16,000-element tensor with 7,997 or 11,614 elements
+  rounded differently. In training this was Adam's first step after a restore
   (``exp_avg_sq.sqrt()``), so the resumed run drifted from the uninterrupted one by 1-2 ulp
   in half of an embedding table's rows, and stayed apart. A
   first call made from one thread, on a tensor too small to be split, settles the choice
