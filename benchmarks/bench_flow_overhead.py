@@ -44,7 +44,7 @@ def plain(epochs: int) -> float:
 def with_prefect(epochs: int) -> float:
     save_dir = tempfile.mkdtemp(prefix="bench-flow-")
     started = time.perf_counter()
-    train(save_dir=save_dir, epochs=epochs, **COMMON)
+    train(TrainConfig(save_dir=save_dir, epochs=epochs, **COMMON))
     return time.perf_counter() - started
 
 

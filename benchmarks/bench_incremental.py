@@ -70,8 +70,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # recipes/
 from bench_fast import cold, spread
 
 from tml_checkpointing import PendingSave, RetentionPolicy, Snapshot, prune
-from tml_checkpointing.incremental import ChainLink, changed_rows, is_chainable
-from tml_checkpointing.staged_write import gather_rows
+from tml_checkpointing.format.chain_link import ChainLink
+from tml_checkpointing.writing.incremental import changed_rows, is_chainable
+from tml_checkpointing.writing.staged_write import gather_rows
 
 # TorchRec's deprecation notices (ShardedTensor, DDP's broadcast_buffers) are not results.
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -347,9 +348,9 @@ def anatomy(trainer: SparseTrainer, repeat: int) -> dict[str, Any]:
     """Where a delta save's time goes, per phase, summed over the chained tensors.
 
     A copy of each table stands in for its staged copy; one more training interval changes
-    ``share`` of its rows. ``compare``: :func:`~tml_checkpointing.incremental.changed_rows`;
+    ``share`` of its rows. ``compare``: :func:`~tml_checkpointing.writing.incremental.changed_rows`;
     ``stage_rows``: ``index_select`` + ``index_copy_`` into the copy (both in ``save()``);
-    ``gather``: :func:`~tml_checkpointing.staged_write.gather_rows` (the writer process);
+    ``gather``: :func:`~tml_checkpointing.writing.staged_write.gather_rows` (the writer process);
     ``copy_full``: one ``copy_`` of the whole tensors (a full save's staging).
     """
     tensors = [t for _, t in state_tensors(trainer.state) if is_chainable(t)]

@@ -31,7 +31,7 @@ each, ``--size-mib`` in all. Per repeat, in this order (time: median [min-max] o
   tensors are compared with the saved ones. *ratio*: throughput over ``s3fs download``'s.
 * ``get_checkpoint`` / ``get_checkpoints``: on a second save_dir holding 2,000 committed
   checkpoints (``<step>/.snapshot_metadata`` non-empty, the commit rule of
-  ``tml_checkpointing.layout``, plus one small data file each; made with one ``fs.pipe``).
+  ``tml_checkpointing.format.layout``, plus one small data file each; made with one ``fs.pipe``).
   The issue's target: finding the latest of 2,000 checkpoints in <= 10 requests.
 
 *requests*: HTTP requests moto logged during one operation (its log has one line per request
@@ -202,7 +202,7 @@ def save_until_committed(snapshot: Any, step: int, stalls: list[float]) -> str:
 def make_checkpoints(fs: Any, root: str, count: int) -> None:
     """``count`` committed checkpoints, cheaply: a non-empty marker and one small data file
     per step, all in one ``fs.pipe`` (s3fs sends them concurrently)."""
-    from tml_checkpointing.layout import COMMIT_MARKER
+    from tml_checkpointing.format.layout import COMMIT_MARKER
 
     files: dict[str, bytes] = {}
     for step in range(count):
@@ -401,7 +401,7 @@ def main() -> None:
             point_clients_at(moto.endpoint)
             data = run(args, moto, log)
         finally:
-            from tml_checkpointing.writer_process import close_shared_writer
+            from tml_checkpointing.writing.writer_process import close_shared_writer
 
             close_shared_writer()  # our writer process: it ends with us, but say so
             moto.stop()

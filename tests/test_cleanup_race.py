@@ -29,7 +29,7 @@ from tml_checkpointing import (
     is_committed,
     verify_checkpoint,
 )
-from tml_checkpointing.layout import SAVE_CLAIM
+from tml_checkpointing.format.layout import SAVE_CLAIM
 
 REPO = Path(__file__).resolve().parents[1]
 

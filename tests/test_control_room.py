@@ -37,7 +37,8 @@ from tml_checkpointing import (
     mark_done_eval,
     read_checkpoint_metrics,
 )
-from training.evaluation import EvalConfig
+from training.config import TrainConfig
+from training.evaluation import EvalConfig, EvalParams
 
 from .conftest import PrefectServer
 from .test_deployment import poll
@@ -84,7 +85,8 @@ def test_every_commit_deletion_and_corruption_is_a_prefect_event(
 ) -> None:
     save_dir = str(tmp_path / "exp-events")
     state = train(
-        save_dir=save_dir, checkpoint_every_steps=2, keep_last=2, **SMALL, return_state=True
+        TrainConfig(save_dir=save_dir, checkpoint_every_steps=2, keep_last=2, **SMALL),
+        return_state=True,
     )
     result: TrainResult = state.result()
     run_id = str(state.state_details.flow_run_id)
@@ -118,7 +120,7 @@ def test_every_commit_deletion_and_corruption_is_a_prefect_event(
     files = [p for p in (tmp_path / "exp-events" / "8").rglob("*") if p.is_file()]
     biggest = max(files, key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
-    again: TrainResult = train(save_dir=save_dir, **SMALL)
+    again: TrainResult = train(TrainConfig(save_dir=save_dir, **SMALL))
     assert again.resumed_from == f"{save_dir}/6"
     corrupt = named(CORRUPT, checkpoint_events(save_dir, lambda found: bool(named(CORRUPT, found))))
     assert [e.resource.id for e in corrupt] == [f"{save_dir}/8"]
@@ -130,7 +132,8 @@ def test_checkpoint_table_loss_curve_retry_and_skipped_epochs(
 ) -> None:
     save_dir = str(tmp_path / "exp-table")
     state = train(
-        save_dir=save_dir, checkpoint_every_steps=2, fail_at_step=7, **SMALL, return_state=True
+        TrainConfig(save_dir=save_dir, checkpoint_every_steps=2, fail_at_step=7, **SMALL),
+        return_state=True,
     )
     first: TrainResult = state.result()
     rows = table_rows("checkpoints-exp-table")
@@ -158,7 +161,7 @@ def test_checkpoint_table_loss_curve_retry_and_skipped_epochs(
 
     # An evaluation of step 4 adds its metrics to a new version of the same table.
     summary: EvalSummary = evaluate(
-        save_dir=save_dir, partition="validation", eval_steps=2, checkpoint=f"{save_dir}/4"
+        save_dir, EvalParams(partition="validation", eval_steps=2), checkpoint=f"{save_dir}/4"
     )
     assert summary.evaluated == [2, 4, 6, 8]  # the trigger's checkpoint and every other pending
     rows = {r["step"]: r for r in table_rows("checkpoints-exp-table")}
@@ -167,15 +170,17 @@ def test_checkpoint_table_loss_curve_retry_and_skipped_epochs(
         assert rows[step]["validation/loss"] == pytest.approx(loss, abs=1e-5)
 
     # A resumed run that skips both epochs still shows what they trained.
-    again: TrainResult = train(save_dir=save_dir, checkpoint_every_steps=2, **SMALL)
+    again: TrainResult = train(TrainConfig(save_dir=save_dir, checkpoint_every_steps=2, **SMALL))
     assert again.epochs_skipped == [0, 1]
     assert [e.mean_loss for e in again.epochs] == pytest.approx([e.mean_loss for e in first.epochs])
 
 
 def test_warm_start_is_reported_as_a_warm_start(prefect_api: PrefectServer, tmp_path: Path) -> None:
-    base: TrainResult = train(save_dir=str(tmp_path / "base"), **SMALL)
+    base: TrainResult = train(TrainConfig(save_dir=str(tmp_path / "base"), **SMALL))
     save_dir = str(tmp_path / "warm")
-    warm: TrainResult = train(save_dir=save_dir, initial_checkpoint=base.checkpoint, **SMALL)
+    warm: TrainResult = train(
+        TrainConfig(save_dir=save_dir, initial_checkpoint=base.checkpoint, **SMALL)
+    )
     assert (warm.resumed_from, warm.initial_checkpoint) == ("", base.checkpoint)
     summary = latest_artifact("train-summary-warm").data
     assert f"- resumed from: warm start from `{base.checkpoint}`" in summary
@@ -186,14 +191,14 @@ def test_a_second_evaluator_waits_for_the_slot_then_finds_the_checkpoint_done(
     prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     save_dir = str(tmp_path / "exp-once")
-    train(save_dir=save_dir, **{**SMALL, "epochs": 1})
+    train(TrainConfig(save_dir=save_dir, **{**SMALL, "epochs": 1}))
     (checkpoint,) = get_checkpoints(save_dir)
     config = EvalConfig(save_dir=save_dir, partition="validation", eval_steps=2)
     outcome: dict[str, Any] = {}
 
     def second_evaluator() -> None:
         outcome["summary"] = evaluate(
-            save_dir=save_dir, partition="validation", eval_steps=2, checkpoint=checkpoint
+            save_dir, EvalParams(partition="validation", eval_steps=2), checkpoint=checkpoint
         )
 
     # This test is the first evaluator: it holds the slot while the second one starts.

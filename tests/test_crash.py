@@ -51,8 +51,8 @@ from tml_checkpointing import (
     step_from_checkpoint,
     verify_checkpoint,
 )
-from tml_checkpointing.layout import INTEGRITY_SIDECAR, is_data_file
-from tml_checkpointing.sidecar import parse_sidecar
+from tml_checkpointing.format.layout import INTEGRITY_SIDECAR, is_data_file
+from tml_checkpointing.format.sidecar import parse_sidecar
 
 from .conftest import S3Server
 from .helpers.crash_saver import expected_weights, load_weights, make_model

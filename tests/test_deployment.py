@@ -122,14 +122,11 @@ def test_deploy_run_with_worker_events_and_nightly_schedule(
             "deployment",
             "run",
             "train/train",
-            "--param",
-            f"save_dir={save_dir}",
-            "--param",
-            "epochs=2",
-            "--param",
-            "steps_per_epoch=2",
-            "--param",
-            "batch_size=32",
+            "--param",  # the flow's `config` model, as JSON (replaces the deployment's)
+            "config="
+            + json.dumps(
+                {"save_dir": str(save_dir), "epochs": 2, "steps_per_epoch": 2, "batch_size": 32}
+            ),
         ],
         env,
     )
@@ -184,7 +181,7 @@ def check_deployed_runs(flow_run_id: UUID, save_dir: Path, worker_log: Path) -> 
         )
         assert run.state is not None
         assert run.state.type == StateType.COMPLETED, f"{run.state!r}\n{worker_output()}"
-        assert run.parameters["save_dir"] == str(save_dir)
+        assert run.parameters["config"]["save_dir"] == str(save_dir)
         # Flow retries set by the deployment's job variables reached the flow run.
         assert run.empirical_policy.retries == 1
         artifacts = client.read_artifacts(
@@ -202,7 +199,8 @@ def check_deployed_runs(flow_run_id: UUID, save_dir: Path, worker_log: Path) -> 
             assert deployment.pull_steps == [
                 {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}
             ]
-        assert deployments["train/train"].parameters["save_dir"] == f"{REPO_ROOT}/runs/train"
+        train_config = deployments["train/train"].parameters["config"]
+        assert train_config["save_dir"] == f"{REPO_ROOT}/runs/train"
 
         nightly = deployments["retrain/retrain-nightly"]
         assert nightly.global_concurrency_limit is not None
@@ -267,7 +265,7 @@ def check_event_started_evaluations(
         assert run.state is not None
         assert run.state.type == StateType.COMPLETED, f"{run.state!r}\n{worker_output()}"
         assert run.created_by is not None and run.created_by.type == "AUTOMATION", run.created_by
-        assert run.parameters["partition"] == "validation"  # the deployment's own default
+        assert run.parameters["params"]["partition"] == "validation"  # the deployment's own
     assert sorted(r.parameters["checkpoint"] for r in runs) == checkpoints
     assert sorted(r.name for r in runs) == [
         f"evaluate · run · partition=validation · step {step}" for step in (2, 4)

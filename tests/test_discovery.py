@@ -20,7 +20,7 @@ from tml_checkpointing import (
     scan_checkpoints,
     step_from_checkpoint,
 )
-from tml_checkpointing.filesystem import join_url, resolve
+from tml_checkpointing.storage.filesystem import join_url, resolve
 
 
 def put_file(url: str, data: bytes) -> None:

@@ -23,8 +23,9 @@ import torch
 from tests.conftest import free_port
 from tml_checkpointing import Snapshot
 from tml_checkpointing.cli import main
-from tml_checkpointing.filesystem import resolve
-from tml_checkpointing.integrity import read_metadata, verify_checkpoint
+from tml_checkpointing.reading.metadata import read_metadata
+from tml_checkpointing.reading.verify import verify_checkpoint
+from tml_checkpointing.storage.filesystem import resolve
 
 HELPER = Path(__file__).parent / "helpers" / "dist_torchrec.py"
 ROOT = Path(__file__).parent.parent

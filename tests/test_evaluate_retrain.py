@@ -25,11 +25,12 @@ from tml_checkpointing import (
     read_checkpoint_metrics,
     step_from_checkpoint,
 )
-from tml_checkpointing.locking import LOCK_NAME
-from training.config import TrainConfig
+from tml_checkpointing.format.layout import WRITER_LOCK as LOCK_NAME
+from training.config import RunParams, TrainConfig
+from training.evaluation import EvalParams
 
 from .conftest import PrefectServer
-from .training_helpers import assert_bit_identical, checkpoint_tensors, plain_run
+from .training_helpers import assert_bit_identical, checkpoint_tensors, flow_params, plain_run
 
 TINY: dict[str, Any] = {"steps_per_epoch": 4, "batch_size": 32, "seed": 5}
 
@@ -50,8 +51,8 @@ def test_evaluator_beside_training_evaluates_each_checkpoint_once(
     )  # fmt: skip
     try:
         summary: EvalSummary = evaluate(  # started beside the trainer: the dir may not exist yet
-            save_dir=save_dir, partition="validation", eval_steps=2, timeout=120, poll_seconds=0.2,
-            wait_for_run=True,
+            save_dir, EvalParams(partition="validation", eval_steps=2, timeout=120,
+                                 poll_seconds=0.2, wait_for_run=True),
         )  # fmt: skip
         out, err = trainer.communicate(timeout=180)
     finally:
@@ -70,7 +71,7 @@ def test_evaluator_beside_training_evaluates_each_checkpoint_once(
         assert read_checkpoint_metrics(checkpoint, partition="validation")["examples"] == 64
         assert "validation/loss" in read_checkpoint_metrics(checkpoint)
 
-    again = evaluate(save_dir=save_dir, partition="validation", eval_steps=2, timeout=5)
+    again = evaluate(save_dir, EvalParams(partition="validation", eval_steps=2, timeout=5))
     assert (again.evaluated, again.skipped) == ([], committed)
 
 
@@ -78,11 +79,13 @@ def test_train_reports_evaluators_that_did_not_finish(
     prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     result = train(
-        save_dir=str(tmp_path / "run"),
-        epochs=1,
-        wait_for_evaluators=["nobody"],
-        evaluator_timeout=0.3,
-        **TINY,
+        *flow_params(
+            save_dir=str(tmp_path / "run"),
+            epochs=1,
+            wait_for_evaluators=["nobody"],
+            evaluator_timeout=0.3,
+            **TINY,
+        )
     )
     assert (result.evaluators_finished, result.evaluators_pending) == ([], ["nobody"])
 
@@ -91,7 +94,7 @@ def test_retrain_twice_warm_starts_from_the_previous_run(
     prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     runs_dir = str(tmp_path / "runs")
-    params = {"epochs": 1, "eval_steps": 2, **TINY}
+    params: dict[str, Any] = {"run": RunParams(epochs=1, **TINY), "eval_steps": 2}
     first: Lineage = retrain(runs_dir=runs_dir, run_name="20261128T020000Z", **params)
     assert (first.previous_run, first.warm_start_checkpoint) == (None, None)
     assert first.final_checkpoint == f"{runs_dir}/20261128T020000Z/4"
@@ -147,7 +150,7 @@ def test_second_writer_on_the_same_save_dir_is_refused(
             assert time.monotonic() < deadline, "first run never committed its final checkpoint"
             time.sleep(0.05)  # polling the directory: another process writes it
         assert (tmp_path / "run" / LOCK_NAME).exists()
-        state = train(save_dir=save_dir, epochs=2, return_state=True, **TINY)
+        state = train(TrainConfig(save_dir=save_dir, epochs=2, **TINY), return_state=True)
         assert state.is_failed()
         with pytest.raises(Exception, match="is being written by train flow run"):
             state.result()
@@ -170,8 +173,8 @@ def test_retrain_refused_at_start_writes_nothing(
     """lineage.json used to be written before train looked at the recipe."""
     runs_dir = tmp_path / "runs"
     state = retrain(
-        runs_dir=str(runs_dir), run_name="20261130T020000Z", recipe="nosuch:build", epochs=1,
-        return_state=True, **TINY,
+        runs_dir=str(runs_dir), run_name="20261130T020000Z",
+        run=RunParams(recipe="nosuch:build", epochs=1, **TINY), return_state=True,
     )  # fmt: skip
     assert state.is_failed()
     with pytest.raises(RecipeError, match="cannot import recipe module 'nosuch'"):

@@ -39,7 +39,7 @@ from tml_checkpointing import (
     subscribe,
     unsubscribe,
 )
-from tml_checkpointing.layout import INTEGRITY_SIDECAR, is_data_file
+from tml_checkpointing.format.layout import INTEGRITY_SIDECAR, is_data_file
 
 
 class Recorder:

@@ -1,4 +1,4 @@
-"""The in-place restore path (tml_checkpointing.fast_restore) against torchsnapshot's own.
+"""The in-place restore path (tml_checkpointing.reading.fast_restore) against torchsnapshot's own.
 
 Both paths must give the same state from the same checkpoint, whichever writer wrote it; the
 fast path must be the one taken for local one-rank checkpoints, verify what it reads, and
@@ -16,7 +16,7 @@ import torchsnapshot
 from torchsnapshot import RNGState, StateDict
 
 from tml_checkpointing import CorruptCheckpointError, Snapshot
-from tml_checkpointing.layout import INTEGRITY_SIDECAR
+from tml_checkpointing.format.layout import INTEGRITY_SIDECAR
 
 
 class Odd(torch.nn.Module):

@@ -29,13 +29,14 @@ from tml_checkpointing import (
     prune,
     verify_checkpoint,
 )
-from tml_checkpointing.chains import read_chain_link
+from tml_checkpointing.catalog.discovery import CheckpointPath
 from tml_checkpointing.cli import main
-from tml_checkpointing.discovery import CheckpointPath
 from tml_checkpointing.errors import InvalidArgumentError, SnapshotStateError
-from tml_checkpointing.filesystem import resolve
-from tml_checkpointing.incremental import changed_rows
-from tml_checkpointing.retention import children_first, plan_retention
+from tml_checkpointing.lifecycle.deletion import children_first
+from tml_checkpointing.lifecycle.retention import plan_retention
+from tml_checkpointing.reading.chains import read_chain_link
+from tml_checkpointing.storage.filesystem import resolve
+from tml_checkpointing.writing.incremental import changed_rows
 
 ROWS, DIM = 4096, 16  # 256 KiB table: chained with MIN_BYTES below
 MIN_BYTES = 64 * 1024
@@ -337,7 +338,7 @@ def test_a_save_that_failed_after_staging_makes_the_next_one_full(
             raise OSError("the writer is gone")
 
     with monkeypatch.context() as patch:
-        patch.setattr("tml_checkpointing.snapshot.shared_writer", lambda: Refusing())
+        patch.setattr("tml_checkpointing.writing.writers.shared_writer", lambda: Refusing())
         with pytest.raises(CheckpointWriteError, match="the writer is gone"):
             snapshot.save(2)
     train(state, 3)

@@ -48,10 +48,10 @@ from tml_checkpointing import (
     step_from_checkpoint,
     verify_checkpoint,
 )
-from tml_checkpointing.chains import read_chain_link
-from tml_checkpointing.incremental import ChainLink
-from tml_checkpointing.layout import is_data_file
-from tml_checkpointing.retention import delete_checkpoint
+from tml_checkpointing.format.chain_link import ChainLink
+from tml_checkpointing.format.layout import is_data_file
+from tml_checkpointing.lifecycle.deletion import delete_checkpoint
+from tml_checkpointing.reading.chains import read_chain_link
 
 from .conftest import S3Server
 from .helpers.crash_saver import (

@@ -18,7 +18,7 @@ from tml_checkpointing import (
     get_latest_valid_checkpoint,
     verify_checkpoint,
 )
-from tml_checkpointing.layout import INTEGRITY_SIDECAR as INTEGRITY_FNAME
+from tml_checkpointing.format.layout import INTEGRITY_SIDECAR as INTEGRITY_FNAME
 
 from .conftest import S3Server
 
@@ -166,7 +166,7 @@ def test_quarantine_moves_a_checkpoint_aside_without_losing_it(save_dir: str) ->
     import torch
 
     from tml_checkpointing import Snapshot, get_checkpoints, quarantine_checkpoint
-    from tml_checkpointing.filesystem import resolve
+    from tml_checkpointing.storage.filesystem import resolve
 
     with Snapshot(save_dir, {"model": torch.nn.Linear(2, 2)}) as snapshot:
         snapshot.save(1)

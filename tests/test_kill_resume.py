@@ -40,8 +40,8 @@ from tml_checkpointing import (
     step_from_checkpoint,
     verify_checkpoint,
 )
-from tml_checkpointing.chains import read_chain_link
-from tml_checkpointing.layout import INTEGRITY_SIDECAR, is_data_file
+from tml_checkpointing.format.layout import INTEGRITY_SIDECAR, is_data_file
+from tml_checkpointing.reading.chains import read_chain_link
 from training.config import TrainConfig
 
 from .conftest import PrefectServer

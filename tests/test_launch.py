@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from flows.cli import main
-from training.config import TrainConfig
-from training.launch import InvalidNodeLayoutError, NodeLayout, torchrun_command
+from training.config import InvalidNodeLayoutError, NodeLayout, TrainConfig
+from training.launch import torchrun_command
 from training.loop import claim_injected_failure
 
 RANK_ARGS = ["--epoch", "0"]

@@ -27,8 +27,8 @@ from tml_checkpointing import (
     step_from_checkpoint,
     verify_checkpoint,
 )
-from tml_checkpointing import cli as library_cli
-from tml_checkpointing.layout import (
+from tml_checkpointing.cli import app as library_cli
+from tml_checkpointing.format.layout import (
     COMMIT_MARKER,
     INTEGRITY_SIDECAR,
     group_by_step,
@@ -156,6 +156,6 @@ def test_exit_codes_come_from_the_kind_of_error(
     def fail(_: object) -> int:
         raise error
 
-    monkeypatch.setattr(library_cli, "_checkpoints_list", fail)
+    monkeypatch.setattr(library_cli, "checkpoints_list", fail)
     assert library_cli.main(["checkpoints", "list", "/nowhere", "--json"]) == code
     assert json.loads(capsys.readouterr().out)["exit_code"] == code

@@ -21,9 +21,9 @@ from torchsnapshot import StateDict
 
 from tml_checkpointing import Snapshot, is_committed
 from tml_checkpointing.errors import CheckpointError
-from tml_checkpointing.filesystem import join_url, resolve
-from tml_checkpointing.layout import WRITER_LOCK
-from tml_checkpointing.locking import SaveDirLockedError, WriterLock
+from tml_checkpointing.format.layout import WRITER_LOCK
+from tml_checkpointing.storage.filesystem import join_url, resolve
+from tml_checkpointing.storage.locking import SaveDirLockedError, WriterLock
 
 from .conftest import _wait_until_serving, free_port
 
@@ -45,7 +45,7 @@ def test_second_writer_is_refused_until_release(save_dir: str) -> None:
 
 def test_lock_of_a_killed_process_on_this_host_is_taken_over(tmp_path: Path) -> None:
     script = (
-        "import sys, time; from tml_checkpointing.locking import WriterLock;"
+        "import sys, time; from tml_checkpointing.storage.locking import WriterLock;"
         "WriterLock(sys.argv[1], owner='doomed').acquire(); print('locked', flush=True);"
         "time.sleep(600)"
     )

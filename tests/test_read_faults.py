@@ -32,11 +32,12 @@ from tml_checkpointing import (
     prune,
     verify_checkpoint,
 )
-from tml_checkpointing.layout import INTEGRITY_SIDECAR
+from tml_checkpointing.format.layout import INTEGRITY_SIDECAR
 
 from .conftest import PrefectServer
 from .helpers import faulty_fs
 from .helpers.faulty_fs import Fault
+from .training_helpers import flow_params
 
 REPO = Path(__file__).resolve().parents[1]
 ERRORS = ["PermissionError", "ConnectionResetError", "TimeoutError"]
@@ -166,10 +167,10 @@ def test_training_flow_never_moves_aside_or_retrains_over_an_unreadable_checkpoi
     disk = tmp_path / "run"
     save_dir = faulty_fs.url(disk)
     params = {"save_dir": save_dir, "steps_per_epoch": 3, "batch_size": 32, "seed": 5}
-    assert train(epochs=2, **params).final_step == 6
+    assert train(*flow_params(epochs=2, **params)).final_step == 6
     before = {p.name: p.stat().st_mtime_ns for p in (disk / "6").rglob("*") if p.is_file()}
     faulty_fs.install(Fault("read", f"*/6/{INTEGRITY_SIDECAR}", "PermissionError"))
-    state = train(epochs=3, epoch_retries=0, return_state=True, **params)
+    state = train(*flow_params(epochs=3, epoch_retries=0, **params), return_state=True)
     assert state.is_failed()
     with pytest.raises(CheckpointReadError):
         state.result()
@@ -177,6 +178,6 @@ def test_training_flow_never_moves_aside_or_retrains_over_an_unreadable_checkpoi
     after = {p.name: p.stat().st_mtime_ns for p in (disk / "6").rglob("*") if p.is_file()}
     assert after == before  # checkpoint 6 untouched: not moved aside, not rewritten
     faulty_fs.clear()
-    resumed = train(epochs=3, **params)
+    resumed = train(*flow_params(epochs=3, **params))
     assert (resumed.epochs_skipped, resumed.epochs_run) == ([0, 1], [2])
     assert resumed.resumed_from == f"{save_dir}/6"

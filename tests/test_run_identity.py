@@ -35,7 +35,7 @@ from tml_checkpointing import (
     get_checkpoints,
 )
 from tml_checkpointing.errors import CheckpointShapeMismatchError
-from tml_checkpointing.layout import RUN_INFO, WRITER_LOCK
+from tml_checkpointing.format.layout import RUN_INFO, WRITER_LOCK
 from training.config import TrainConfig
 from training.evaluation import EvalConfig, RunNotFoundError, await_run, evaluate_checkpoint
 from training.failures import retry_cannot_help
@@ -305,8 +305,9 @@ def test_flow_refuses_a_changed_config_before_taking_the_lock(
     )
     before = tree(tmp_path)
     state = train(
-        save_dir=str(save_dir), epochs=1, steps_per_epoch=2, batch_size=16, recipe=NARROW,
-        seed=9, return_state=True,
+        TrainConfig(save_dir=str(save_dir), epochs=1, steps_per_epoch=2, batch_size=16,
+                    recipe=NARROW, seed=9),
+        return_state=True,
     )  # fmt: skip
     assert state.is_failed()
     with pytest.raises(RunConfigChangedError, match="seed: 0 recorded, 9 requested"):
@@ -349,7 +350,9 @@ def test_disk_full_exits_3_and_is_not_retried(prefect_api: PrefectServer, tiny_d
     assert get_checkpoints(save_dir) == []  # nothing committed
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=50)
-        flow_run = next(run for run in runs if run.parameters.get("save_dir") == save_dir)
+        flow_run = next(
+            run for run in runs if run.parameters.get("config", {}).get("save_dir") == save_dir
+        )
         tasks = client.read_task_runs()
     epoch = [t for t in tasks if t.flow_run_id == flow_run.id and t.name.startswith("epoch 0 · ")]
     assert len(epoch) == 1 and epoch[0].run_count == 1  # failed once, not retried

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tml_checkpointing import Snapshot, get_checkpoint, get_checkpoints
-from tml_checkpointing.layout import COMMIT_MARKER
+from tml_checkpointing.format.layout import COMMIT_MARKER
 
 from .conftest import S3Server
 

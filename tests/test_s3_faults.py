@@ -40,7 +40,7 @@ from tml_checkpointing import (
     get_checkpoint,
     verify_checkpoint,
 )
-from tml_checkpointing.filesystem import S3_CONFIG_DEFAULTS, UPLOAD_PART_SIZE, resolve
+from tml_checkpointing.storage.filesystem import S3_CONFIG_DEFAULTS, UPLOAD_PART_SIZE, resolve
 
 from .conftest import S3Server, _wait_until_serving, free_port, start_moto, stop_process
 

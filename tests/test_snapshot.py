@@ -24,7 +24,7 @@ from tml_checkpointing import (
     get_checkpoint,
     get_checkpoints,
 )
-from tml_checkpointing.storage_plugin import FsspecStoragePlugin
+from tml_checkpointing.storage.plugin import FsspecStoragePlugin
 
 
 def make_state(seed: int = 0) -> dict[str, Any]:

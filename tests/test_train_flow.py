@@ -14,7 +14,7 @@ from flows.train import TrainResult, train
 from training.config import TrainConfig
 
 from .conftest import PrefectServer
-from .training_helpers import assert_bit_identical, checkpoint_tensors, plain_run
+from .training_helpers import assert_bit_identical, checkpoint_tensors, flow_params, plain_run
 
 SMALL: dict[str, Any] = {"epochs": 3, "steps_per_epoch": 4, "batch_size": 64, "seed": 3}
 
@@ -28,7 +28,7 @@ def task_runs(flow_run_id: UUID) -> dict[str, TaskRun]:
 
 
 def run_flow(**params: Any) -> tuple[Any, UUID]:
-    state = train(**params, return_state=True)
+    state = train(*flow_params(**params), return_state=True)
     return state, state.state_details.flow_run_id
 
 
@@ -96,7 +96,8 @@ def test_flow_retry_resumes_and_ends_bit_identical(
     plain_run(reference)
     save_dir = str(tmp_path / "run")
     state = train.with_options(retries=1, retry_delay_seconds=0)(
-        save_dir=save_dir, fail_at_step=6, epoch_retries=0, return_state=True, **SMALL
+        *flow_params(save_dir=save_dir, fail_at_step=6, epoch_retries=0, **SMALL),
+        return_state=True,
     )
     assert state.is_completed()
     with get_client(sync_client=True) as client:

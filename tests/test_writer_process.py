@@ -30,7 +30,7 @@ from tml_checkpointing import (
     step_from_checkpoint,
     verify_checkpoint,
 )
-from tml_checkpointing.discovery import is_committed
+from tml_checkpointing.catalog.discovery import is_committed
 from tml_checkpointing.events import (
     SAVE_DATA_WRITTEN,
     SAVE_SIDECAR_WRITTEN,
@@ -38,8 +38,8 @@ from tml_checkpointing.events import (
     subscribe,
     unsubscribe,
 )
-from tml_checkpointing.staging import shared_memory_room
-from tml_checkpointing.writer_process import shared_writer
+from tml_checkpointing.writing.staging import shared_memory_room
+from tml_checkpointing.writing.writer_process import shared_writer
 
 from .training_helpers import checkpoint_tensors
 
@@ -171,8 +171,8 @@ SAVER = """
 import os, sys, threading, torch
 from tml_checkpointing import Snapshot
 from tml_checkpointing.events import SAVE_DATA_WRITTEN, subscribe
-from tml_checkpointing.staging import shared_memory_room
-from tml_checkpointing.writer_process import shared_writer
+from tml_checkpointing.writing.staging import shared_memory_room
+from tml_checkpointing.writing.writer_process import shared_writer
 
 def pause(event):
     if event.name == SAVE_DATA_WRITTEN:
@@ -236,7 +236,9 @@ def test_a_full_dev_shm_falls_back_to_the_thread_writer(
 ) -> None:
     assert shared_memory_room(1) and not shared_memory_room(10**18)
     # A container's small /dev/shm: staging would die of SIGBUS, so it is not attempted.
-    monkeypatch.setattr("tml_checkpointing.snapshot.shared_memory_room", lambda needed: False)
+    monkeypatch.setattr(
+        "tml_checkpointing.writing.writers.shared_memory_room", lambda needed: False
+    )
     snapshot = Snapshot(str(tmp_path / "run"), make_state())
     assert snapshot.save(1).wait().endswith("/1")
     assert snapshot._staging.area is None  # written by torchsnapshot's thread

@@ -4,13 +4,8 @@ API-compatible with twitter/the-algorithm-ml's ``tml.common.checkpointing``. Wor
 fsspec URL (local paths, ``memory://``, ``s3://`` through s3fs, ...). Never imports Prefect.
 """
 
-from .cleanup import (
-    IncompleteCheckpoint,
-    clean_incomplete,
-    find_incomplete,
-    quarantine_checkpoint,
-)
-from .discovery import (
+from ._version import __version__
+from .catalog.discovery import (
     CheckpointPath,
     checkpoints_iterator,
     get_checkpoint,
@@ -19,6 +14,15 @@ from .discovery import (
     list_checkpoints,
     scan_checkpoints,
     step_from_checkpoint,
+)
+from .catalog.evaluation import (
+    EvaluatorWaitResult,
+    evaluated_partitions,
+    is_done_eval,
+    mark_done_eval,
+    read_checkpoint_metrics,
+    wait_for_evaluators,
+    write_checkpoint_metrics,
 )
 from .errors import (
     BrokenChainError,
@@ -45,15 +49,6 @@ from .errors import (
     StorageLocationNotFoundError,
     UnsupportedProtocolError,
 )
-from .evaluation import (
-    EvaluatorWaitResult,
-    evaluated_partitions,
-    is_done_eval,
-    mark_done_eval,
-    read_checkpoint_metrics,
-    wait_for_evaluators,
-    write_checkpoint_metrics,
-)
 from .events import (
     CORRUPT_FOUND,
     DELETE_DONE,
@@ -72,15 +67,19 @@ from .events import (
     subscribe,
     unsubscribe,
 )
-from .filesystem import infer_fs, join_url
-from .integrity import VerifyReport, get_latest_valid_checkpoint, verify_checkpoint
-from .locking import WriterLock
-from .materialize import materialize
-from .preemption import PreemptionGuard, save_final_checkpoint
-from .retention import PruneResult, RetentionPlan, RetentionPolicy, plan_retention, prune
+from .lifecycle.cleanup import (
+    IncompleteCheckpoint,
+    clean_incomplete,
+    find_incomplete,
+    quarantine_checkpoint,
+)
+from .lifecycle.preemption import PreemptionGuard, save_final_checkpoint
+from .lifecycle.retention import PruneResult, RetentionPlan, RetentionPolicy, plan_retention, prune
+from .reading.verify import VerifyReport, get_latest_valid_checkpoint, verify_checkpoint
 from .snapshot import PendingSave, Snapshot
-
-__version__ = "0.1.0"
+from .storage.filesystem import infer_fs, join_url
+from .storage.locking import WriterLock
+from .writing.materialize import materialize
 
 __all__ = [
     "CORRUPT_FOUND",

@@ -8,6 +8,9 @@ error derives from it too, so code written against the original ``tml`` helpers 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Final, Literal
+
 
 class CheckpointError(Exception):
     """Base class of every error raised by ``tml_checkpointing``."""
@@ -71,10 +74,53 @@ class CorruptCheckpointError(CheckpointError):
     unreadable); ``checkpoint`` is the checkpoint directory.
     """
 
-    def __init__(self, message: str, *, checkpoint: str = "", path: str = "") -> None:
+    def __init__(
+        self, message: str, *, checkpoint: str = "", path: str = "", problem: str = ""
+    ) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
         self.path = path
+        self.problem = problem
+
+
+# What is wrong with a corrupt checkpoint decides what its reader can do about it.
+CorruptionKind = Literal["data", "marker", "sidecar", "chain"]
+
+_RESUME_OLDER = "Resume from an older checkpoint: get_latest_valid_checkpoint(save_dir) skips it"
+REMEDIES: Final[Mapping[CorruptionKind, str]] = {
+    # Data bytes that differ from the sidecar. A size check sees a short or missing file; a
+    # flipped bit only a checksum sees (verify="full"), or a read like this one.
+    "data": (
+        "Do not restore from it. Resume from an older checkpoint: "
+        "get_latest_valid_checkpoint(save_dir, verify='full') skips it, and so does the default "
+        "once it is moved aside (quarantine_checkpoint)"
+    ),
+    # The marker is the table of contents: nothing in the checkpoint can be found without it.
+    "marker": f"Nothing in it can be read. {_RESUME_OLDER}",
+    # Without the sidecar, no byte of the checkpoint can be checked.
+    "sidecar": f"Its data can no longer be checked. {_RESUME_OLDER}",
+    # A delta whose chain does not hold stands for a state that can no longer be rebuilt.
+    "chain": f"The state it stands for can no longer be rebuilt. {_RESUME_OLDER}",
+}
+
+
+def corrupt_message(checkpoint: str, path: str, problem: str, kind: CorruptionKind) -> str:
+    """The one wording of "this checkpoint is corrupt": where, what, and the remedy."""
+    where = f"{path}: " if path else ""
+    return f"checkpoint {checkpoint} is corrupt: {where}{problem}. {REMEDIES[kind]}."
+
+
+def corrupt_checkpoint(
+    checkpoint: str, path: str, problem: str, *, kind: CorruptionKind
+) -> CorruptCheckpointError:
+    """The :class:`CorruptCheckpointError` for ``problem`` with ``path`` (relative to
+    ``checkpoint``); every site that finds corruption builds its error here."""
+    return CorruptCheckpointError(
+        corrupt_message(checkpoint, path, problem, kind),
+        checkpoint=checkpoint,
+        path=path,
+        problem=problem,
+    )
 
 
 class BrokenChainError(CorruptCheckpointError):
@@ -83,9 +129,8 @@ class BrokenChainError(CorruptCheckpointError):
     it stands for can no longer be rebuilt. ``at`` is the checkpoint whose link failed."""
 
     def __init__(self, message: str, *, checkpoint: str, path: str, at: str, problem: str) -> None:
-        super().__init__(message, checkpoint=checkpoint, path=path)
+        super().__init__(message, checkpoint=checkpoint, path=path, problem=problem)
         self.at = at
-        self.problem = problem
 
 
 class NotASaveDirError(CheckpointError, ValueError):
@@ -140,3 +185,7 @@ class InvalidStorageUrlError(CheckpointError, ValueError):
 class CheckpointShapeMismatchError(CheckpointError, ValueError):
     """A checkpoint's tensors do not fit the state being restored (another model shape or
     recipe). Retrying cannot help; the message names the first mismatching tensor."""
+
+
+class BadInputError(CheckpointError, ValueError):
+    """What a ``tml checkpoints`` command was asked cannot be done as asked (exit code 2)."""

@@ -1,0 +1,106 @@
+"""``tml checkpoints list``: step, size, age, state and evaluators of each checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..catalog.discovery import non_canonical_entries, scan_checkpoints
+from ..catalog.evaluation import evaluated_partitions
+from ..catalog.save_dir import assert_save_dir
+from ..errors import (
+    CheckpointNotFoundError,
+)
+from ..lifecycle.cleanup import (
+    IncompleteCheckpoint,
+    scan_incomplete,
+)
+from ..reading.chains import read_chain_link
+from ..reading.verify import verify_checkpoint
+from .common import (
+    EXIT_OK,
+    chain_summary,
+    chain_text,
+    emit,
+    err_console,
+    format_age,
+    format_bytes,
+    require_directory,
+)
+
+
+def checkpoints_list(args: argparse.Namespace) -> int:
+    require_directory(args.save_dir)
+    assert_save_dir(args.save_dir)
+    now = time.time()
+    incomplete = {e.step: e for e in scan_incomplete(args.save_dir, now=now)}
+    rows: list[dict[str, Any]] = []
+    for entry in scan_checkpoints(args.save_dir):
+        row: dict[str, Any] = {"step": entry.step, "path": entry.path, "committed": entry.committed}
+        if entry.committed:
+            try:
+                report = verify_checkpoint(entry.path, level="size", raise_on_corrupt=False)
+                link = read_chain_link(entry.path)
+                row.update(
+                    state=report.status,
+                    size=report.total_bytes,
+                    logical_size=link.full_bytes if link is not None else None,
+                    chain=chain_summary(link),
+                    age_s=None if report.newest_mtime is None else now - report.newest_mtime,
+                    problems=[str(p) for p in report.problems],
+                )
+            except CheckpointNotFoundError:  # pruned between the listing and now
+                row.update(state="incomplete", size=None, age_s=None, problems=[], chain=None)
+            row["evaluated_by"] = evaluated_partitions(entry.path)
+        else:
+            stale: IncompleteCheckpoint | None = incomplete.get(entry.step)
+            row.update(
+                state="incomplete",
+                size=stale.size if stale else None,
+                age_s=stale.age_s if stale else None,
+                problems=[],
+                evaluated_by=[],
+                chain=None,
+            )
+        rows.append(row)
+
+    ignored = non_canonical_entries(args.save_dir)
+
+    def render() -> None:
+        table = Table(title=f"checkpoints in {args.save_dir}")
+        columns = ("step", "state", "size", "logical", "chain", "age", "evaluated by", "path")
+        for column in columns:
+            table.add_column(column, justify="right" if column in SIZE_COLUMNS else "left")
+        colour = {"valid": "green", "unverified": "yellow", "corrupt": "bold red"}
+        for row in rows:
+            state = row["state"]
+            table.add_row(
+                str(row["step"]),
+                f"[{colour.get(state, 'dim')}]{state}[/]",
+                format_bytes(row["size"]),
+                format_bytes(row.get("logical_size") or row["size"]),
+                chain_text(row["chain"]),
+                format_age(row["age_s"]),
+                ", ".join(row["evaluated_by"]),
+                row["path"],
+            )
+        Console().print(table)
+        for row in rows:
+            for problem in row["problems"]:
+                err_console().print(f"[red]{escape(row['path'])}[/]: {escape(problem)}")
+        for path in ignored:
+            err_console().print(
+                f"[yellow]ignored[/] {escape(path)}: not a canonical step name (write "
+                f"{escape(str(int(path.rstrip('/').rsplit('/', 1)[-1])))}, not a zero-padded one)"
+            )
+
+    emit(args, rows, render)
+    return EXIT_OK
+
+
+SIZE_COLUMNS = ("step", "size", "logical")
