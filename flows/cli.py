@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # Only the standard library and the small modules below at import time: main() installs
 # the signal handlers before the heavy imports (torch, Prefect) start.
@@ -99,48 +98,25 @@ def _console() -> Console:
 
 def _train(args: argparse.Namespace) -> int:
     _prepare_prefect_environment()
-    from flows.train import FLOW_ONLY_PARAMETERS, train, train_config
-    from training.launch import NodeLayout
+    from flows.cli_params import model_arguments
+    from flows.train import train
+    from training.config import TrainConfig, TrainOptions
     from training.session import close_session
     from training.start import check_run_start
 
-    params: dict[str, Any] = dict(
-        save_dir=args.save_dir,
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        checkpoint_every_steps=args.checkpoint_every_steps,
-        recipe=args.recipe,
-        initial_checkpoint=args.initial_checkpoint,
-        fail_at_step=args.fail_at_step,
-        wait_for_evaluators=args.wait_for_evaluator,
-        evaluator_timeout=args.evaluator_timeout,
-        keep_last=args.keep_last,
-        keep_every_steps=args.keep_every_steps,
-        incremental=args.incremental,
-        allow_changed_config=args.allow_changed_config,
-        nproc_per_node=args.nproc_per_node,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        rdzv_endpoint=args.rdzv_endpoint,
-    )
-    # Not given: the flow's defaults (not imported here, see the imports above).
-    for name in ("full_every", "incremental_min_bytes"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
+    config = TrainConfig(**model_arguments(args, TrainConfig))
+    options = TrainOptions(**model_arguments(args, TrainOptions))
     # A start that cannot work fails here, in a second, before Prefect starts (the flow checks
-    # again, for runs started from deployments). Nothing is written either way.
-    config = train_config(**{k: v for k, v in params.items() if k not in FLOW_ONLY_PARAMETERS})
-    NodeLayout(node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint).check(config)
+    # again, for runs started from deployments). Nothing is written either way. Building the
+    # config as the flow does makes it find the same in-process session (model) it trains.
+    options.check(config)
     try:
-        check_run_start(config, allow_changed_config=args.allow_changed_config)
+        check_run_start(config, allow_changed_config=options.allow_changed_config)
         _prefect_ready()
     except BaseException:
         close_session(config)
         raise
-    result = train(**params)
+    result = train(config, options)
     if args.json:
         summary = result.model_dump(exclude={"epochs"})
         print(json.dumps(summary), flush=True)
@@ -155,20 +131,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     _prepare_prefect_environment()
+    from flows.cli_params import model_arguments
     from flows.evaluate import evaluate
-    from training.evaluation import EvalConfig, await_run
+    from training.evaluation import EvalConfig, EvalParams, await_run
 
-    if not args.wait_for_run:  # a missing save_dir fails at once, before Prefect starts
-        await_run(EvalConfig(save_dir=args.save_dir, partition=args.partition))
+    config = EvalConfig(**model_arguments(args, EvalConfig))
+    if not config.wait_for_run:  # a missing save_dir fails at once, before Prefect starts
+        await_run(config)
     _prefect_ready()
-    summary = evaluate(
-        save_dir=args.save_dir,
-        partition=args.partition,
-        eval_steps=args.eval_steps,
-        timeout=args.timeout,
-        poll_seconds=args.poll_seconds,
-        wait_for_run=args.wait_for_run,
-    )
+    summary = evaluate(config.save_dir, EvalParams(**model_arguments(args, EvalParams)))
     if args.json:
         print(json.dumps(summary.model_dump(exclude={"results"})), flush=True)
     else:
@@ -182,14 +153,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _retrain(args: argparse.Namespace) -> int:
     _prepare_prefect_environment()
+    from flows.cli_params import model_arguments
     from flows.retrain import retrain
+    from training.config import RunParams
 
     _prefect_ready()
     lineage = retrain(
         runs_dir=args.runs_dir,
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        seed=args.seed,
+        run=RunParams(**model_arguments(args, RunParams)),
         eval_partitions=args.partition,
         run_name=args.run_name,
     )
@@ -203,117 +174,45 @@ def _retrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    """Seconds: > 0 (``inf`` allowed, meaning no limit; ``nan`` is not a number of seconds)."""
-    value = float(text)
-    if math.isnan(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _learning_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def _recipe(text: str) -> str:
-    """The recipe is imported here, so a typo fails before anything starts or is written."""
+def _recipe_imports(recipe: object) -> None:
+    """The recipe is imported while parsing, so a typo fails before anything starts or is
+    written."""
     from recipes.base import RecipeError, load_recipe
 
     try:
-        load_recipe(text)
+        load_recipe(str(recipe))
     except RecipeError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_flow_commands(parser: argparse.ArgumentParser) -> None:
-    from recipes.base import DEFAULT_RECIPE
-    from tml_checkpointing.cli import positive_int
+    from flows.cli_params import add_model_options
+    from training.config import RunParams, TrainConfig, TrainOptions
+    from training.evaluation import EvalConfig
 
     commands = next(
         action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
     )
     train = commands.add_parser("train", help="run the training flow (resumes automatically)")
-    train.add_argument("--save-dir", required=True, help="checkpoint directory or fsspec URL")
-    train.add_argument("--epochs", type=positive_int, required=True)
-    train.add_argument("--steps-per-epoch", type=positive_int, default=20)
-    train.add_argument("--batch-size", type=positive_int, default=256)
-    train.add_argument("--lr", type=_learning_rate, default=1e-3, help="finite, > 0")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpoint-every-steps", type=_non_negative, default=0)
-    train.add_argument("--recipe", type=_recipe, default=DEFAULT_RECIPE, help="module:function")
-    train.add_argument("--initial-checkpoint", default=None, help="warm start (weights only)")
-    train.add_argument("--fail-at-step", type=positive_int, default=None, help="inject a failure")
-    train.add_argument(
-        "--wait-for-evaluator", action="append", default=None, metavar="PARTITION",
-        help="after the final save, wait for this partition's evaluator (repeatable)",
-    )  # fmt: skip
-    train.add_argument("--evaluator-timeout", type=_positive_float, default=600.0)
-    train.add_argument("--keep-last", type=positive_int, default=None, help="retention")
-    train.add_argument("--keep-every-steps", type=positive_int, default=None, help="milestones")
-    incremental = train.add_argument_group("incremental checkpoints (see docs/incremental.md)")
-    incremental.add_argument(
-        "--incremental", action="store_true",
-        help="large tensors (embedding tables) save only the rows changed since the last save",
-    )  # fmt: skip
-    incremental.add_argument(
-        "--full-every", type=positive_int, default=None,
-        help="every N-th save is a full checkpoint that starts a new chain (default 10)",
-    )  # fmt: skip
-    incremental.add_argument(
-        "--incremental-min-bytes", type=positive_int, default=None,
-        help="tensors at least this large (bytes) are saved as changed rows (default 1 MiB)",
-    )  # fmt: skip
-    train.add_argument(
-        "--allow-changed-config", action="store_true",
-        help="resume with other recipe/seed/batch size/steps per epoch/lr/world size than "
-        "run.json records "
-        "(recorded there as a new segment); refused otherwise",
-    )  # fmt: skip
-    ranks = train.add_argument_group("ranks and machines (torchrun; see docs/scaling.md)")
-    ranks.add_argument("--nproc-per-node", type=positive_int, default=1, help="ranks here")
-    ranks.add_argument("--nnodes", type=positive_int, default=1, help="machines in the job")
-    ranks.add_argument("--node-rank", type=int, default=0, help="this machine, 0 = commits")
-    ranks.add_argument("--rdzv-endpoint", default=None, help="host:port of node 0 (nnodes > 1)")
+    # Every option but --json comes from the run's parameter models (training/config.py).
+    add_model_options(train, TrainConfig, TrainOptions, checks={"recipe": _recipe_imports})
     train.add_argument("--json", action="store_true", help="last stdout line is a JSON summary")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser(
         "evaluate", help="follow a run and evaluate each new checkpoint once"
     )
-    evaluate.add_argument("--save-dir", required=True)
-    evaluate.add_argument("--partition", default="validation")
-    evaluate.add_argument("--eval-steps", type=positive_int, default=10)
-    evaluate.add_argument("--timeout", type=_positive_float, default=1800.0)
-    evaluate.add_argument("--poll-seconds", type=_positive_float, default=10.0)
-    evaluate.add_argument(
-        "--wait-for-run", action="store_true",
-        help="wait (up to --timeout) for SAVE_DIR to appear instead of failing when it is missing",
-    )  # fmt: skip
+    add_model_options(evaluate, EvalConfig)  # training/evaluation.py
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
 
     retrain = commands.add_parser("retrain", help="a new dated run, warm-started from the last")
-    retrain.add_argument("--runs-dir", required=True)
-    retrain.add_argument("--epochs", type=positive_int, default=3)
-    retrain.add_argument("--steps-per-epoch", type=positive_int, default=20)
-    retrain.add_argument("--seed", type=int, default=0)
+    retrain.add_argument("--runs-dir", required=True, help="one sub-directory per run")
     retrain.add_argument("--partition", action="append", default=None, help="repeatable")
     retrain.add_argument("--run-name", default=None, help="default: UTC date-time")
     retrain.add_argument("--json", action="store_true")
+    # The new run's parameters, as for `tml train` (the flow picks its save_dir and warm start).
+    add_model_options(retrain, RunParams, checks={"recipe": _recipe_imports})
     retrain.set_defaults(handler=_retrain)
 
 

@@ -17,8 +17,6 @@ After each evaluation the run's checkpoint table and loss curve get a new versio
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
@@ -33,8 +31,10 @@ from tml_checkpointing import (
     list_checkpoints,
     step_from_checkpoint,
 )
-from training.evaluation import EvalConfig, EvalResult, await_run
+from training.evaluation import EvalConfig, EvalParams, EvalResult, await_run
 from training.run_info import RunInfoMissingError, read_run_info
+
+DEFAULT_PARAMS = EvalParams()  # frozen: one shared default
 
 
 class EvalSummary(BaseModel):
@@ -50,48 +50,27 @@ class EvalSummary(BaseModel):
 @flow(
     name="evaluate",
     flow_run_name=flow_run_namer(
-        "evaluate", "save_dir", "partition", checkpoint_parameter="checkpoint"
+        "evaluate", "save_dir", "params.partition", checkpoint_parameter="checkpoint"
     ),
 )
 def evaluate(
-    save_dir: str,
-    partition: str = "validation",
-    eval_steps: int = 10,
-    timeout: float = 1800,
-    poll_seconds: float = 10,
-    storage_options: dict[str, Any] | None = None,
-    wait_for_run: bool = False,
-    checkpoint: str | None = None,
+    save_dir: str, params: EvalParams = DEFAULT_PARAMS, checkpoint: str | None = None
 ) -> EvalSummary:
-    """Evaluate each committed checkpoint of ``save_dir`` on ``partition`` (in step order).
+    """Evaluate each committed checkpoint of ``save_dir`` on a partition (in step order).
+
+    ``save_dir`` and ``checkpoint`` stay flat parameters: they are what the deployment's
+    trigger passes, while the deployment's ``params`` (partition, waiting...) stay its own.
+    A ``save_dir`` that does not exist fails at once (``RunNotFoundError``) unless
+    ``params.wait_for_run``.
 
     Args:
         save_dir: The training run's checkpoint directory (path or fsspec URL) to follow.
-        partition: Which data to evaluate on (``validation``, ``test``...); each partition's
-            evaluator marks the checkpoints it finished, once each.
-        eval_steps: Batches evaluated per checkpoint.
-        timeout: Seconds to wait for a new checkpoint before giving up (the run may have
-            ended).
-        poll_seconds: Seconds between looks for new checkpoints.
-        storage_options: Options for the fsspec filesystem of ``save_dir``.
-        wait_for_run: Wait (up to ``timeout``) for a run to start in ``save_dir`` instead of
-            failing at once when it does not exist yet.
+        params: How to evaluate and follow it (training.evaluation.EvalParams).
         checkpoint: Set by the deployment's trigger from a ``tml.checkpoint.committed``
             event: evaluate this checkpoint and any other of ``save_dir`` not evaluated yet
-            on ``partition``, then stop (no following, no waiting). Empty: follow the run.
-
-    A ``save_dir`` that does not exist fails at once (``RunNotFoundError``) unless
-    ``wait_for_run``.
+            on the partition, then stop (no following, no waiting). Empty: follow the run.
     """
-    config = EvalConfig(
-        save_dir=save_dir,
-        partition=partition,
-        eval_steps=eval_steps,
-        timeout=timeout,
-        poll_seconds=poll_seconds,
-        storage_options=storage_options,
-        wait_for_run=wait_for_run,
-    )
+    config = EvalConfig(**params.model_dump(), save_dir=save_dir)
     tag_run_with_experiment(save_dir)
     if checkpoint:
         return evaluate_pending(config, checkpoint)

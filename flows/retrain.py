@@ -19,17 +19,19 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.evaluate import DEFAULT_PARAMS as DEFAULT_EVAL
 from flows.evaluate import evaluate
-from flows.train import train, train_config
-from recipes.base import DEFAULT_RECIPE
+from flows.train import train
 from tasks.naming import artifact_key, experiment, flow_run_namer
 from tml_checkpointing import get_checkpoint, join_url
-from tml_checkpointing.filesystem import StorageOptions, replace_file, resolve
-from tml_checkpointing.layout import LINEAGE
+from tml_checkpointing.format.layout import LINEAGE
+from tml_checkpointing.storage.filesystem import StorageOptions, replace_file, resolve
+from training.config import RunParams, TrainConfig
+from training.evaluation import EvalParams
 from training.session import close_session
 from training.start import check_run_start
 
-LINEAGE_NAME = LINEAGE  # the name itself lives in tml_checkpointing.layout
+LINEAGE_NAME = LINEAGE  # the name itself lives in tml_checkpointing.format.layout
 
 
 class Lineage(BaseModel):
@@ -42,39 +44,33 @@ class Lineage(BaseModel):
     metrics: dict[str, dict[str, float]] = {}
 
 
-@flow(name="retrain", flow_run_name=flow_run_namer("retrain", "runs_dir", "epochs"))
+DEFAULT_RUN = RunParams()  # frozen: one shared default
+
+
+@flow(name="retrain", flow_run_name=flow_run_namer("retrain", "runs_dir", "run.epochs"))
 def retrain(
     runs_dir: str,
-    epochs: int = 3,
-    steps_per_epoch: int = 20,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
-    recipe: str = DEFAULT_RECIPE,
+    run: RunParams = DEFAULT_RUN,
     eval_partitions: list[str] | None = None,
-    eval_steps: int = 10,
-    storage_options: dict[str, Any] | None = None,
+    eval_steps: int | None = None,
     run_name: str | None = None,
 ) -> Lineage:
     """Train a new run under ``runs_dir``, warm-started from the previous one, and evaluate it.
 
     Args:
-        runs_dir: Directory (path or fsspec URL) holding one sub-directory per run.
-        epochs: Epochs the new run trains.
-        steps_per_epoch: Training steps in one epoch.
-        batch_size: Examples per step.
-        lr: Learning rate of the recipe's optimizer.
-        seed: Seed of the initial weights (replaced by the warm start's) and the data order.
-        recipe: The model and data, as ``module:function``.
+        runs_dir: Directory (path or fsspec URL) holding one sub-directory per run; its
+            filesystem takes ``run.storage_options``.
+        run: The new run's parameters, as the ``train`` flow's ``config`` less ``save_dir``
+            and ``initial_checkpoint``, which this flow decides (training/config.py).
         eval_partitions: Partitions evaluated on the new run's final checkpoint (default:
             ``validation``).
-        eval_steps: Batches evaluated per partition.
-        storage_options: Options for the fsspec filesystem of ``runs_dir``.
+        eval_steps: Batches evaluated per partition (empty: the ``evaluate`` flow's default).
         run_name: Name of the new run's directory (default: the scheduled start, UTC, e.g.
             ``2026-11-30T0200``); a rerun with the same name resumes that run.
     """
+    storage_options = run.storage_options
     logger = get_run_logger()
-    partitions = ["validation"] if eval_partitions is None else eval_partitions
+    partitions = [DEFAULT_EVAL.partition] if eval_partitions is None else eval_partitions
     name = run_name or dated_run_name(flow_run.get_scheduled_start_time())
     run_dir = join_url(runs_dir, name)
     lineage = read_lineage(run_dir, storage_options)
@@ -93,11 +89,7 @@ def retrain(
             created_at=datetime.now(UTC).isoformat(),
         )
         # A start train would refuse (a recipe that does not import, ...) writes nothing at all.
-        config = train_config(
-            save_dir=run_dir, epochs=epochs, steps_per_epoch=steps_per_epoch,
-            batch_size=batch_size, lr=lr, seed=seed, recipe=recipe,
-            initial_checkpoint=lineage.warm_start_checkpoint, storage_options=storage_options,
-        )  # fmt: skip
+        config = train_config(run, run_dir, lineage.warm_start_checkpoint)
         try:
             check_run_start(config)
         except BaseException:
@@ -108,38 +100,35 @@ def retrain(
         "Run %s: %s", run_dir, f"warm start from {lineage.warm_start_checkpoint}"
         if lineage.warm_start_checkpoint else "first run, from scratch"
     )  # fmt: skip
-    trained = train(
-        save_dir=run_dir,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        recipe=recipe,
-        initial_checkpoint=lineage.warm_start_checkpoint,
-        storage_options=storage_options,
-    )
+    trained = train(train_config(run, run_dir, lineage.warm_start_checkpoint))
     lineage.final_checkpoint = trained.checkpoint
     for partition in partitions:
-        summary = evaluate(
-            save_dir=run_dir,
+        # The run has ended: its final checkpoint is there, so no long wait and fast polls.
+        given: dict[str, Any] = {} if eval_steps is None else {"eval_steps": eval_steps}
+        params = EvalParams(
             partition=partition,
-            eval_steps=eval_steps,
             timeout=60,
             poll_seconds=1,
             storage_options=storage_options,
+            **given,
         )
+        summary = evaluate(run_dir, params)
         final = [r for r in summary.results if r.checkpoint == trained.checkpoint]
         if final:
             lineage.metrics[partition] = final[0].metrics
     write_lineage(lineage, storage_options)
-    previous = read_lineage(lineage.previous_run, storage_options) if lineage.previous_run else None
+    before = read_lineage(lineage.previous_run, storage_options) if lineage.previous_run else None
     create_markdown_artifact(
         key=artifact_key("retrain-lineage", experiment(runs_dir)),
-        markdown=lineage_markdown(lineage, previous),
+        markdown=lineage_markdown(lineage, before),
         description="Retraining lineage, and how this run compares with the previous one",
     )
     return lineage
+
+
+def train_config(run: RunParams, run_dir: str, warm_start: str | None) -> TrainConfig:
+    """The ``train`` flow's config of the new run: ``run``, stored in ``run_dir``."""
+    return TrainConfig(**run.model_dump(), save_dir=run_dir, initial_checkpoint=warm_start)
 
 
 def lineage_markdown(lineage: Lineage, previous: Lineage | None) -> str:

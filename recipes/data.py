@@ -23,7 +23,8 @@ def seeded_generator(*parts: int) -> torch.Generator:
 
 def partition_salt(partition: str) -> int:
     """A stable, non-zero salt per evaluation partition (0 is the training data's)."""
-    return sum(ord(c) * 31**i for i, c in enumerate(partition)) % 1_000_003 + 1
+    # int(): typeshed types ``int ** int`` as Any (a negative exponent gives a float).
+    return int(sum(ord(c) * 31**i for i, c in enumerate(partition))) % 1_000_003 + 1
 
 
 def sliced_batches(

@@ -20,7 +20,9 @@ def ensure_process_group() -> tuple[int, int]:
     """(rank, world size) of the default process group, creating a one-rank group if none."""
     with _lock:
         if not dist.is_initialized():
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            # HashStore is in torch.distributed, but not in its __all__ (no explicit re-export).
+            store = dist.HashStore()  # type: ignore[attr-defined]
+            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
 
 

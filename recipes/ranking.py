@@ -42,7 +42,8 @@ class RankingModel(nn.Module):
         features = torch.cat(
             [self.user(batch["user"]), self.author(batch["author"]), batch["dense"]], dim=1
         )
-        return self.heads(self.mlp(features))
+        logits: torch.Tensor = self.heads(self.mlp(features))  # Module.__call__ is untyped
+        return logits
 
 
 def synthetic_engagements(seed: int, count: int, salt: int = 0) -> dict[str, torch.Tensor]:
@@ -69,7 +70,8 @@ def build(params: RecipeParams) -> Recipe:
     loss_fn = nn.BCEWithLogitsLoss()
 
     def loss(module: nn.Module, batch: Batch) -> torch.Tensor:
-        return loss_fn(module(batch), batch["labels"])
+        value: torch.Tensor = loss_fn(module(batch), batch["labels"])  # Module.__call__: Any
+        return value
 
     def train_batch(epoch: int, index: int) -> Batch:
         order = torch.randperm(TRAIN_EXAMPLES, generator=seeded_generator(params.seed, 2, epoch))

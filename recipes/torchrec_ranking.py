@@ -133,7 +133,8 @@ class TorchRecRankingModel(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         pooled = self.embeddings(self.sparse_features(batch)).values()
-        return self.heads(self.mlp(torch.cat([pooled, batch["dense"]], dim=1)))
+        logits: torch.Tensor = self.heads(self.mlp(torch.cat([pooled, batch["dense"]], dim=1)))
+        return logits  # (Module.__call__ is untyped)
 
 
 def zipf_ids(
@@ -279,7 +280,8 @@ def build_recipe(params: RecipeParams, sizes: TorchRecRankingSizes | None = None
     loss_fn = nn.BCEWithLogitsLoss()
 
     def loss(module: nn.Module, batch: Batch) -> torch.Tensor:
-        return loss_fn(module(batch), batch["labels"])
+        value: torch.Tensor = loss_fn(module(batch), batch["labels"])  # Module.__call__: Any
+        return value
 
     def eval_batches(partition: str, steps: int) -> Iterator[Batch]:
         data = synthetic_engagements(

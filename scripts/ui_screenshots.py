@@ -470,7 +470,9 @@ def run(args: argparse.Namespace, tmp: Path, processes: Processes, started: floa
     train_run = api.call(
         "POST",
         f"/deployments/{train_deployment['id']}/create_flow_run",
-        {"parameters": {"save_dir": save_dir, **TRAIN_PARAMETERS}},
+        # The flow's `config` (training.config.TrainConfig) replaces the deployment's whole;
+        # its `options` (epoch_retries) stay the deployment's.
+        {"parameters": {"config": {"save_dir": save_dir, **TRAIN_PARAMETERS}}},
     )
     train_id = str(train_run["id"])
     print(f"train run {train_id} into {save_dir}")

@@ -37,7 +37,7 @@ from prefect.runtime import flow_run
 
 from tasks.naming import experiment
 from tml_checkpointing import events, list_checkpoints, step_from_checkpoint
-from tml_checkpointing.filesystem import parent_url
+from tml_checkpointing.storage.filesystem import parent_url
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -31,18 +32,39 @@ def flow_run_namer(
     flow: str, directory_parameter: str, *details: str, checkpoint_parameter: str | None = None
 ) -> Callable[[], str]:
     """A ``flow_run_name`` callable: ``train · exp1 · epochs=3`` from the run's parameters;
-    ``· step 20`` when ``checkpoint_parameter`` names a checkpoint (an event-started run)."""
+    ``· step 20`` when ``checkpoint_parameter`` names a checkpoint (an event-started run).
+
+    A parameter is named by its path: ``save_dir``, or ``config.save_dir`` for a field of a
+    model parameter (shown by its last part: ``epochs=3``).
+    """
 
     def name() -> str:
         parameters = flow_run.parameters
-        directory = str(parameters.get(directory_parameter, "?"))
-        shown = [f"{key}={parameters[key]}" for key in details if key in parameters]
-        checkpoint = parameters.get(checkpoint_parameter) if checkpoint_parameter else None
+        directory = parameter_value(parameters, directory_parameter)
+        shown = []
+        for path in details:
+            value = parameter_value(parameters, path)
+            if value is not None:
+                shown.append(f"{path.rsplit('.', 1)[-1]}={value}")
+        checkpoint = parameter_value(parameters, checkpoint_parameter or "")
         if checkpoint:
             shown.append(f"step {str(checkpoint).rstrip('/').rsplit('/', 1)[-1]}")
-        return " · ".join([flow, experiment(directory), *shown])
+        return " · ".join([flow, experiment(str(directory or "?")), *shown])
 
     return name
+
+
+def parameter_value(parameters: Mapping[str, Any], path: str) -> Any:
+    """The value at ``path`` (``config.save_dir``) in a run's parameters, or None.
+
+    A model parameter is a dict in a deployment's run, and the model itself in a direct call.
+    """
+    value: Any = parameters
+    for part in path.split(".") if path else ():
+        value = value.get(part) if isinstance(value, Mapping) else getattr(value, part, None)
+        if value is None:
+            return None
+    return value if path else None
 
 
 def epoch_task_run_name() -> str:

@@ -19,19 +19,17 @@ from prefect.runtime import task_run
 from prefect.states import Completed
 
 from tasks.naming import epoch_task_run_name
-from training.config import TrainConfig
+from training.config import DEFAULT_EPOCH_RETRIES, NodeLayout, TrainConfig
 from training.failures import retry_cannot_help
-from training.launch import NodeLayout, train_epoch_on_ranks
+from training.launch import train_epoch_on_ranks
 from training.loop import EpochResult, claim_injected_failure, train_epoch
 from training.session import get_session
-
-DEFAULT_TASK_RETRIES = 2
 
 
 @task(
     name="train-epoch",
     task_run_name=epoch_task_run_name,
-    retries=DEFAULT_TASK_RETRIES,
+    retries=DEFAULT_EPOCH_RETRIES,  # the flow sets TrainOptions.epoch_retries
     retry_delay_seconds=0,
     # The checkpoint directory decides what is done; Prefect's cache could outlive or
     # predate the files (and would hash the config on every call for nothing).

@@ -34,7 +34,16 @@ def test_every_flow_parameter_has_a_description_for_the_run_form(flow: Flow) -> 
     assert properties, flow.name
     missing = [name for name, schema in properties.items() if not schema.get("description")]
     assert not missing, f"{flow.name}: no description for {missing}"
-    assert (
-        "0 means"
-        in properties.get("checkpoint_every_steps", {"description": "0 means"})["description"]
-    )
+    # A model parameter's form shows its fields, each with the description from the model.
+    fields = {
+        f"{name}.{field}": schema
+        for name, parameter in properties.items()
+        if "$ref" in parameter
+        for field, schema in flow.parameters.definitions[parameter["$ref"].rsplit("/", 1)[-1]][
+            "properties"
+        ].items()
+    }
+    missing = [name for name, schema in fields.items() if not schema.get("description")]
+    assert not missing, f"{flow.name}: no description for {missing}"
+    if flow is train:
+        assert "0 means" in fields["config.checkpoint_every_steps"]["description"]

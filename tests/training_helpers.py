@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchsnapshot.manifest import ShardedTensorEntry
 from torchsnapshot.serialization import string_to_dtype
 
 from tml_checkpointing import Snapshot
-from tml_checkpointing.chains import link_of
-from tml_checkpointing.incremental import DELTA_ROOT
-from training.config import TrainConfig
+from tml_checkpointing.format.chain_link import DELTA_ROOT
+from tml_checkpointing.reading.chains import link_of
+from training.config import TrainConfig, TrainOptions
 from training.determinism import set_deterministic
 from training.loop import EpochResult, train_epoch
 from training.session import close_session, get_session
+
+
+def flow_params(**params: Any) -> tuple[TrainConfig, TrainOptions]:
+    """The ``train`` flow's two parameters from flat keyword arguments (each field goes to the
+    model that declares it), as tests once passed them to the flow."""
+    options = {name: params.pop(name) for name in list(params) if name in TrainOptions.model_fields}
+    return TrainConfig(**params), TrainOptions(**options)
 
 
 def plain_run(config: TrainConfig, epochs: range | None = None) -> list[EpochResult]:

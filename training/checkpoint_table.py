@@ -13,8 +13,8 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from tml_checkpointing import list_checkpoints, read_checkpoint_metrics
-from tml_checkpointing.faults import reading
-from tml_checkpointing.filesystem import StorageOptions, resolve
+from tml_checkpointing.storage.faults import reading
+from tml_checkpointing.storage.filesystem import StorageOptions, resolve
 
 from .run_info import RunInfo, find_run_info
 

@@ -11,7 +11,8 @@ preemption signal that reached any rank stops every rank at the same step. In on
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,13 @@ import torch.distributed as dist
 from recipes.process_group import is_distributed
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Raised:
+    """What rank 0's ``decide()`` raised, sent to every rank to raise there too."""
+
+    error: Exception
 
 
 def is_primary() -> bool:
@@ -30,17 +38,17 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
     """``decide()`` run on rank 0 only, its result (or its exception) given to every rank."""
     if not is_distributed():
         return decide()
-    answer: list[object] = [None]
+    answer: list[T | _Raised | None] = [None]
     if dist.get_rank() == 0:
         try:
-            answer[0] = ("ok", decide())
+            answer[0] = decide()
         except Exception as error:  # every rank raises it, so none waits for the others
-            answer[0] = ("error", error)
+            answer[0] = _Raised(error)
     dist.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]  # type: ignore[misc]
-    if kind == "error":
-        raise value  # type: ignore[misc]
-    return value  # type: ignore[no-any-return]
+    outcome = answer[0]
+    if isinstance(outcome, _Raised):
+        raise outcome.error
+    return cast(T, outcome)  # rank 0's decide() result, now on every rank
 
 
 def any_rank(flag: bool) -> bool:

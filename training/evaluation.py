@@ -27,28 +27,55 @@ from tml_checkpointing import (
     step_from_checkpoint,
     write_checkpoint_metrics,
 )
-from tml_checkpointing.evaluation import metrics_path
-from tml_checkpointing.faults import reading
-from tml_checkpointing.filesystem import invalidate_listing, resolve
-from tml_checkpointing.retention import assert_save_dir
+from tml_checkpointing.catalog.evaluation import metrics_path
+from tml_checkpointing.catalog.save_dir import assert_save_dir
+from tml_checkpointing.storage.faults import reading
+from tml_checkpointing.storage.filesystem import invalidate_listing, resolve
 
 from .run_info import read_run_info
 
 logger = logging.getLogger(__name__)
 
 
-class EvalConfig(BaseModel):
+class EvalParams(BaseModel):
+    """How an evaluator evaluates a run and follows it (the ``evaluate`` flow's ``params``, the
+    options of ``tml evaluate``): each parameter declared once, here."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    save_dir: str = Field(min_length=1)
-    partition: str = Field(min_length=1)
-    eval_steps: int = Field(default=10, ge=1)
-    timeout: float = Field(default=1800, ge=0)
-    poll_seconds: float = Field(default=10, gt=0)
-    wait_for_run: bool = Field(
-        default=False, description="wait (up to timeout) for save_dir to appear, not fail fast"
+    partition: str = Field(
+        default="validation",
+        min_length=1,
+        description="Which data to evaluate on (validation, test...); each partition's "
+        "evaluator marks the checkpoints it finished, once each.",
     )
-    storage_options: dict[str, object] | None = None
+    eval_steps: int = Field(default=10, ge=1, description="Batches evaluated per checkpoint.")
+    timeout: float = Field(
+        default=1800,
+        ge=0,
+        description="Seconds to wait for a new checkpoint before giving up (the run may have "
+        "ended).",
+    )
+    poll_seconds: float = Field(
+        default=10, gt=0, description="Seconds between looks for new checkpoints."
+    )
+    wait_for_run: bool = Field(
+        default=False,
+        description="Wait (up to timeout) for a run to start in save_dir instead of failing at "
+        "once when it does not exist yet.",
+    )
+    storage_options: dict[str, object] | None = Field(
+        default=None, description="Options of the fsspec filesystem of save_dir."
+    )
+
+
+class EvalConfig(EvalParams):
+    """One evaluator: the run it follows, and :class:`EvalParams`."""
+
+    save_dir: str = Field(
+        min_length=1,
+        description="The training run's checkpoint directory (path or fsspec URL) to follow.",
+    )
 
 
 class RunNotFoundError(CheckpointError, FileNotFoundError):

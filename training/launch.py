@@ -27,13 +27,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from tml_checkpointing import get_latest_valid_checkpoint, join_url, step_from_checkpoint
 from tml_checkpointing.errors import CheckpointError, PreemptedError
-from tml_checkpointing.preemption import PreemptionGuard
+from tml_checkpointing.lifecycle.preemption import PreemptionGuard
 
-from .config import TrainConfig
+from .config import NodeLayout, TrainConfig
 from .loop import EpochResult
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -45,38 +43,6 @@ class RankJobFailedError(CheckpointError, RuntimeError):
 
     Retryable: the retry relaunches every rank from the newest committed checkpoint.
     """
-
-
-class InvalidNodeLayoutError(CheckpointError, ValueError):
-    """Machine settings that cannot form the run's job (no rendezvous, node rank too high)."""
-
-
-class NodeLayout(BaseModel):
-    """Where this machine's ranks sit in the job (not part of the run's identity)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    node_rank: int = Field(default=0, ge=0, description="this machine's index, 0 = commits")
-    rdzv_endpoint: str | None = Field(
-        default=None, description="host:port of node 0's rendezvous (needed with nnodes > 1)"
-    )
-
-    def check(self, config: TrainConfig) -> None:
-        """Raise :class:`InvalidNodeLayoutError` for a layout that cannot form ``config``'s job."""
-        if config.nnodes > 1 and not self.rdzv_endpoint:
-            raise InvalidNodeLayoutError(
-                f"nnodes={config.nnodes} needs rdzv_endpoint (host:port reachable from every "
-                "machine, on node 0): every node must meet at the same rendezvous"
-            )
-        if self.node_rank >= config.nnodes:
-            raise InvalidNodeLayoutError(
-                f"node_rank must be in [0, {config.nnodes}) for nnodes={config.nnodes}, got "
-                f"{self.node_rank}"
-            )
-        if self.rdzv_endpoint and not _is_host_port(self.rdzv_endpoint):
-            raise InvalidNodeLayoutError(
-                f"rdzv_endpoint must look like host:port, got {self.rdzv_endpoint!r}"
-            )
 
 
 def torchrun_command(config: TrainConfig, layout: NodeLayout, rank_args: list[str]) -> list[str]:
@@ -219,8 +185,3 @@ def _terminate_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
-def _is_host_port(value: str) -> bool:
-    host, sep, port = value.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 from pydantic import BaseModel
 
 from tml_checkpointing import (
@@ -120,7 +121,7 @@ def train_epoch(
             batch = session.recipe.train_batch(step_epoch, step - step_first)
             optimizer.zero_grad(set_to_none=True)
             loss = session.recipe.loss(model, batch)
-            loss.backward()
+            torch.autograd.backward(loss)  # = loss.backward(), which torch leaves untyped
             optimizer.step()
             losses.append(loss.item())
             guard = session.preemption
@@ -218,7 +219,7 @@ def _apply_retention(session: TrainingSession) -> None:
     policy = RetentionPolicy(
         keep_last=config.keep_last,
         keep_every_steps=config.keep_every_steps,
-        keep_until_evaluated=list(config.keep_until_evaluated),
+        keep_until_evaluated=list(config.wait_for_evaluators),
     )
     prune(config.save_dir, policy, storage_options=config.storage_options)
 

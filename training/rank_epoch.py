@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from tml_checkpointing.errors import PreemptedError
-from tml_checkpointing.preemption import PreemptionGuard
+from tml_checkpointing.lifecycle.preemption import PreemptionGuard
 
 from .config import TrainConfig
 from .determinism import set_deterministic
@@ -81,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, required=True, help="written by local rank 0")
     args = parser.parse_args(argv)
     rank = int(os.environ["RANK"])
-    sys.stdout = _PrefixedLines(sys.stdout, f"[rank {rank}] ")  # type: ignore[assignment]
-    sys.stderr = _PrefixedLines(sys.stderr, f"[rank {rank}] ")  # type: ignore[assignment]
+    sys.stdout = _PrefixedLines(sys.stdout, f"[rank {rank}] ")
+    sys.stderr = _PrefixedLines(sys.stderr, f"[rank {rank}] ")
     logging.basicConfig(  # libraries' chatter (fbgemm, torchsnapshot) at WARNING, ours at INFO
         level=logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

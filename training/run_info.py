@@ -25,13 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from recipes.base import RecipeParams
 from tml_checkpointing import CheckpointError, join_url
-from tml_checkpointing.faults import reading, writing
-from tml_checkpointing.filesystem import StorageOptions, replace_file, resolve
-from tml_checkpointing.layout import RUN_INFO
+from tml_checkpointing.format.layout import RUN_INFO
+from tml_checkpointing.storage.faults import reading, writing
+from tml_checkpointing.storage.filesystem import StorageOptions, replace_file, resolve
 
 from .config import TrainConfig
-
-RUN_INFO_NAME = RUN_INFO  # kept for importers; the name itself lives in tml_checkpointing.layout
 
 # Parameters that change what a run computes: a resume may not change them silently.
 TRAJECTORY_FIELDS = ("recipe", "seed", "batch_size", "steps_per_epoch", "lr", "world_size")

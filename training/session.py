@@ -28,7 +28,7 @@ from tml_checkpointing import (
     quarantine_checkpoint,
     step_from_checkpoint,
 )
-from tml_checkpointing.shapes import check_checkpoint_fits
+from tml_checkpointing.reading.shapes import check_checkpoint_fits
 from tml_checkpointing.snapshot import EXTRA_STATE
 
 from .collective import decided_by_rank0, is_primary

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from recipes.base import load_recipe
 from tml_checkpointing import CheckpointNotFoundError, step_from_checkpoint
-from tml_checkpointing.discovery import is_committed
-from tml_checkpointing.integrity import get_latest_valid_checkpoint
-from tml_checkpointing.retention import assert_save_dir
+from tml_checkpointing.catalog.discovery import is_committed
+from tml_checkpointing.catalog.save_dir import assert_save_dir
+from tml_checkpointing.reading.verify import get_latest_valid_checkpoint
 
 from .config import TrainConfig
 from .run_info import RunInfo, find_run_info, reconcile_run_info, write_run_info
