@@ -50,8 +50,8 @@ from tml_checkpointing import (
     step_from_checkpoint,
     subscribe,
 )
-from tml_checkpointing.chains import read_chain_link
-from tml_checkpointing.incremental import ChainLink
+from tml_checkpointing.format.chain_link import ChainLink
+from tml_checkpointing.reading.chains import read_chain_link
 
 SHAPES = [(512, 512), (512, 512), (256, 512), (64, 256)]
 KEEP_LAST = 2

@@ -25,7 +25,7 @@ import sys
 import traceback
 
 from tml_checkpointing.errors import SaveDirLockedError
-from tml_checkpointing.locking import WriterLock
+from tml_checkpointing.storage.locking import WriterLock
 
 
 def say(line: str) -> None:
