@@ -1,4 +1,6 @@
-# The two commands a user needs: `make demo` and `make test`. Both set up .venv first if missing.
+# The two commands a user needs: `make demo` and `make test`. Both set up .venv first if missing:
+# the library (editable) with its extras, and this repository's training application, which runs
+# from here and is never installed into site-packages (scripts/install_application.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,torchrec]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(TORCHREC_SPEC)"
 	$(BIN)/python -c "import torchrec, fbgemm_gpu"
+	$(BIN)/python scripts/install_application.py
 	touch $(STAMP)
 
 # The main job: train 3 epochs with one injected failure (watch the retry), then run the same
@@ -35,10 +38,17 @@ demo: $(STAMP)
 	$(BIN)/tml train --save-dir $$dir/run --epochs 3 --steps-per-epoch 20 --checkpoint-every-steps 10 && \
 	$(BIN)/tml checkpoints list $$dir/run
 
+# Four pytest-xdist workers, each running whole test modules (module fixtures are built once;
+# the four longest modules start first, one per worker: tests/conftest.py). Most of the suite
+# waits on processes it started (imports, servers, ranks), so the workers finish sooner than
+# one process even when every core is busy. `make test PYTEST_PARALLEL=` runs it in one process.
+PYTEST_PARALLEL ?= -n 4 --dist loadscope --no-loadscope-reorder
+
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 # The edit-test loop (~2 min): all but the tests marked slow in tests/conftest.py (Prefect
 # server, kill, signal, deployment and multi-rank tests).

@@ -93,9 +93,13 @@ def test_plan_keeps_what_the_policy_promises(
 
 
 def test_policy_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match=r"keep_last\n  Input should be greater than or equal to 1"
+    ):
         RetentionPolicy(keep_last=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(
+        ValueError, match=r"keep_every_steps\n  Input should be greater than or equal to 1"
+    ):
         RetentionPolicy(keep_last=1, keep_every_steps=-5)
     with pytest.raises(ValueError, match="best_metric"):
         RetentionPolicy(keep_last=1, keep_best=2)
