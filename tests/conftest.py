@@ -312,9 +312,23 @@ def _leftover_processes() -> list[str]:
     return found
 
 
+_WORKER_LEFTOVERS: list[str] = []  # pytest-xdist controller: what its workers found
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist controller: a worker ended; keep the leftovers its session found."""
+    _WORKER_LEFTOVERS.extend(getattr(node, "workeroutput", {}).get("leftover_processes", []))
+
+
+@pytest.hookimpl(trylast=True)  # under pytest-xdist: after the controller ended its workers
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Tests never leave processes running (servers, workers, orphaned uvicorns)."""
-    from tml_checkpointing.writer_process import close_shared_writer
+    """Tests never leave processes running (servers, workers, orphaned uvicorns).
+
+    Each pytest-xdist worker has a PREFECT_HOME of its own (this file, imported there, made
+    it), which every process it starts inherits: it checks its own and hands what it found
+    to the controller (``workeroutput``), which reports them all and fails the run."""
+    from tml_checkpointing.writing.writer_process import close_shared_writer
 
     close_shared_writer()  # this process's checkpoint writer: ours to stop, not a leak
     deadline = time.monotonic() + 15
@@ -322,6 +336,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.2)  # give terminated children a moment to be reaped
         leftovers = _leftover_processes()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker
+        workeroutput["leftover_processes"] = leftovers
+        return
+    leftovers += _WORKER_LEFTOVERS
     if leftovers:
         print(
             f"\nERROR: processes left running by the tests (this session is pid {os.getpid()}):"
@@ -349,10 +368,42 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# The longest modules, longest first: seconds of one module on a pytest-xdist worker, measured
+# with 3 workers on a 2-core machine under a load of 7-10. Under pytest-xdist (`make test`:
+# 4 workers, whole modules per worker, `--dist loadscope`) they start first, one per worker,
+# so that no worker begins one of them when the others are nearly done. (xdist hands a worker
+# its next module once it has at most 2 tests left: with 3 workers, two of the four longest
+# shared one, ~1050 s; with 4, the longest worker took ~600 s.)
+_LONGEST_FIRST = (
+    "test_ranks",  # ~760 s (one worker: its tests find rank processes by command line)
+    "test_incremental_crash",  # ~560 s
+    "test_crash",  # ~545 s
+    "test_kill_resume",  # ~505 s
+    "test_distributed",  # ~125 s
+    "test_signals",  # ~120 s
+    "test_s3_faults",  # ~115 s
+    "test_packaging",  # ~115 s
+    "test_cli",  # ~90 s
+    "test_evaluate_retrain",  # ~90 s
+    "test_s3",  # ~60 s
+    "test_preemption",  # ~55 s
+    "test_deployment",  # ~50 s
+    "test_training_loop",  # ~35 s
+    "test_run_identity",  # ~35 s
+    "test_read_faults",  # ~25 s
+)
+
+
+def _module_of(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that need a Prefect server or kill processes are `slow`; the rest is `make quick`."""
     for item in items:
-        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
         fixtures = set(getattr(item, "fixturenames", ()))
-        if module in _SLOW_MODULES or fixtures & _SLOW_FIXTURES:
+        if _module_of(item) in _SLOW_MODULES or fixtures & _SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike: same collection
+        rank = {module: index for index, module in enumerate(_LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(_module_of(item), len(rank)))  # stable
