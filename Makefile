@@ -50,7 +50,7 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
-# The edit-test loop (~2 min): all but the tests marked slow in tests/conftest.py (Prefect
+# The edit-test loop (~3.5 min): all but the tests marked slow in tests/conftest.py (Prefect
 # server, kill, signal, deployment and multi-rank tests).
 quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
