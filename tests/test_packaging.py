@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -137,10 +138,18 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy of what the distribution is made of: setuptools reuses a checkout's
+    # build/ folder, where a module deleted since an earlier build would still be picked up.
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPOSITORY / name, source / name)
+    shutil.copytree(
+        REPOSITORY / LIBRARY, source / LIBRARY, ignore=shutil.ignore_patterns("__pycache__")
+    )
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(REPOSITORY)],
+         "-w", str(out), str(source)],
         check=True, cwd=out,
     )  # fmt: skip
     (built,) = out.glob("tml_checkpointing-*.whl")

@@ -20,6 +20,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -101,21 +102,20 @@ def err_console() -> Console:
 
 
 def step_progress() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console(),
-        transient=True,
-    )
+    """A progress bar counting checkpoints (prune, clean-incomplete)."""
+    return _progress(MofNCompleteColumn())
 
 
 def bytes_progress() -> Progress:
+    """A progress bar counting bytes read (verify)."""
+    return _progress(DownloadColumn())
+
+
+def _progress(counter: ProgressColumn) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        DownloadColumn(),
+        counter,
         TimeRemainingColumn(),
         console=err_console(),
         transient=True,
