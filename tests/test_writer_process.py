@@ -8,13 +8,17 @@ writer process for local and S3 save_dirs.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -24,22 +28,33 @@ from torchsnapshot import RNGState
 
 from tml_checkpointing import (
     CheckpointWriteError,
+    SaveDirLockedError,
     Snapshot,
     SnapshotStateError,
+    WriterLock,
     get_checkpoints,
     step_from_checkpoint,
     verify_checkpoint,
 )
 from tml_checkpointing.catalog.discovery import is_committed
 from tml_checkpointing.events import (
+    SAVE_COMMITTED,
     SAVE_DATA_WRITTEN,
     SAVE_SIDECAR_WRITTEN,
     Event,
     subscribe,
     unsubscribe,
 )
+from tml_checkpointing.format.sidecar import parse_sidecar
+from tml_checkpointing.storage.checkpoint_files import CheckpointFiles
+from tml_checkpointing.storage.plugin import world_size_of_marker
 from tml_checkpointing.writing.staging import shared_memory_room
-from tml_checkpointing.writing.writer_process import shared_writer
+from tml_checkpointing.writing.writer_process import (
+    WriterProcess,
+    WriterSave,
+    close_shared_writer,
+    shared_writer,
+)
 
 from .training_helpers import checkpoint_tensors
 
@@ -261,3 +276,239 @@ def test_a_staging_block_left_by_a_killed_process_is_swept(tmp_path: Path) -> No
     finally:
         mine.unlink()
         orphan.unlink(missing_ok=True)
+
+
+# -- a writer that is ready when needed: no torch, started with the Snapshot ----------------
+
+HEAVY_MODULES = ("torch", "torchsnapshot", "torch.distributed", "yaml")
+
+
+def test_the_writer_never_imports_torch_before_or_after_a_save(tmp_path: Path) -> None:
+    """Asked over its own pipes, as the training side started it: torch would cost a fresh
+    writer seconds before its first commit (tens of seconds on a loaded machine)."""
+    close_shared_writer()
+    snapshot = Snapshot(str(tmp_path / "run"), make_state(), writer="process")
+    writer = shared_writer()
+    assert writer._process is not None  # started by the constructor, before any save
+    before = writer.ping()
+    assert before["pid"] == writer._process.pid
+    assert "tml_checkpointing.writing.staged_write" in before["modules"]  # it did answer
+    assert [m for m in HEAVY_MODULES if m in before["modules"]] == []
+    snapshot.save(1).wait()  # the whole write and commit path, run
+    after = writer.ping()
+    assert after["pid"] == before["pid"]
+    assert "tml_checkpointing.storage.checkpoint_files" in after["modules"]
+    assert [m for m in HEAVY_MODULES if m in after["modules"]] == []
+    snapshot.close()
+
+
+def test_importing_the_package_or_a_subpackage_imports_no_torch() -> None:
+    probe = (
+        "import sys, tml_checkpointing, tml_checkpointing.cli, tml_checkpointing.writing,"
+        " tml_checkpointing.storage, tml_checkpointing.format, tml_checkpointing.reading,"
+        " tml_checkpointing.catalog, tml_checkpointing.lifecycle,"
+        " tml_checkpointing.writing.writer_main;"
+        f" print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True, cwd=REPO)  # fmt: skip
+    assert found.stdout.strip() == "[]", found.stdout + found.stderr
+
+
+def test_the_package_names_are_imported_on_first_use_and_are_the_modules_own() -> None:
+    import importlib
+
+    import tml_checkpointing
+
+    sources: dict[str, tuple[str, ...]] = tml_checkpointing._SOURCES
+    listed = sorted(name for names in sources.values() for name in names)
+    assert listed == sorted(set(tml_checkpointing.__all__) - {"__version__"})
+    for module, names in sources.items():
+        source = importlib.import_module(f"tml_checkpointing.{module}")
+        for name in names:
+            assert getattr(tml_checkpointing, name) is getattr(source, name), name
+    assert set(tml_checkpointing.__all__) <= set(dir(tml_checkpointing))
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        tml_checkpointing.not_a_name  # noqa: B018
+
+
+def test_a_snapshot_starts_the_writer_only_where_it_may_write(tmp_path: Path) -> None:
+    close_shared_writer()
+    Snapshot(str(tmp_path / "thread"), make_state(), writer="torchsnapshot")
+    Snapshot("memory://never-by-the-writer", make_state())  # only this process reaches it
+    assert shared_writer()._process is None
+    Snapshot(str(tmp_path / "auto"), make_state())  # writer="auto": the writer may take it
+    process = shared_writer()._process
+    assert process is not None and process.poll() is None
+    close_shared_writer()  # never given work: stopped at once, not waited for
+    assert process.poll() is not None
+
+
+# -- a save written in pieces (one per rank in a job), committed once ------------------------
+
+
+@dataclass
+class Piece:
+    save: WriterSave
+    metadata: str
+
+
+def write_piece(snapshot: Snapshot, step: int, monkeypatch: pytest.MonkeyPatch) -> Piece:
+    """``snapshot.save(step)`` through the writer with ``commit=False``: its files only."""
+    pieces: list[Piece] = []
+    submit = WriterProcess.submit
+
+    def as_piece(self: WriterProcess, *args: Any, **kwargs: Any) -> WriterSave:
+        staged = inspect.signature(submit).bind(self, *args, **kwargs).arguments["staged"]
+        save = submit(self, *args, **{**kwargs, "commit": False})
+        pieces.append(Piece(save, staged.metadata))
+        return save
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WriterProcess, "submit", as_piece)
+        snapshot.save(step).wait()
+    assert len(pieces) == 1
+    return pieces[0]
+
+
+def merged_metadata(*pieces: Piece) -> str:
+    """One manifest naming every piece's entries (what rank 0 builds from the ranks' parts)."""
+    bodies = [json.loads(piece.metadata) for piece in pieces]
+    manifest = {path: entry for body in bodies for path, entry in body["manifest"].items()}
+    return json.dumps({**bodies[0], "manifest": manifest})
+
+
+def two_pieces(
+    save_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[Piece], dict[str, torch.nn.Module]]:
+    """Step 1 of ``save_dir`` written as two pieces: ``a``'s tensors, then ``b``'s."""
+    modules: dict[str, torch.nn.Module] = {
+        "a": torch.nn.Linear(64, 32),
+        "b": torch.nn.Linear(16, 8),
+    }
+    snapshot = Snapshot(str(save_dir), {"a": modules["a"]}, writer="process")
+    first = write_piece(snapshot, 1, monkeypatch)
+    snapshot.state = {"b": modules["b"]}  # another layout: another staging block
+    second = write_piece(snapshot, 1, monkeypatch)
+    snapshot.close()
+    return [first, second], modules
+
+
+def test_a_piece_writes_its_files_only_and_hands_back_their_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pieces, _ = two_pieces(tmp_path / "run", monkeypatch)
+    checkpoint = tmp_path / "run" / "1"
+    assert not is_committed(str(checkpoint))
+    assert (checkpoint / ".writing").exists()  # the claim stays until the commit
+    assert not (checkpoint / ".integrity.json").exists()
+    data_files = []
+    for piece in pieces:
+        assert piece.save.exc_info is None and piece.save.records is not None
+        records = parse_sidecar(piece.save.records)
+        batched = [name for name in records.files if name.startswith("batched/")]
+        assert len(batched) == 1
+        assert (checkpoint / batched[0]).stat().st_size == records.files[batched[0]].size
+        data_files += batched
+    assert len(set(data_files)) == 2  # each piece its own data file
+
+
+def test_pieces_committed_together_make_one_verified_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pieces, modules = two_pieces(tmp_path / "run", monkeypatch)
+    url = str(tmp_path / "run" / "1")
+    seen: list[str] = []
+
+    def record(event: Event) -> None:
+        if event.fields.get("path") == url:
+            seen.append(event.name)
+
+    subscribe(record)
+    try:
+        commit = shared_writer().commit(
+            url,
+            str(tmp_path / "run"),
+            {},
+            merged_metadata(*pieces),
+            [piece.save.records or b"" for piece in pieces],
+        )
+        commit.thread.join(120)
+    finally:
+        unsubscribe(record)
+    assert commit.exc_info is None, commit.exc_info
+    assert commit.records is None
+    assert seen == [SAVE_DATA_WRITTEN, SAVE_SIDECAR_WRITTEN, SAVE_COMMITTED]  # relayed here
+    assert is_committed(url) and not Path(url, ".writing").exists()
+    sidecar = parse_sidecar(Path(url, ".integrity.json").read_bytes())
+    for piece in pieces:
+        assert piece.save.records is not None
+        assert set(parse_sidecar(piece.save.records).files) <= set(sidecar.files)
+    assert verify_checkpoint(url, level="full").status == "valid"
+    fresh = {"a": torch.nn.Linear(64, 32), "b": torch.nn.Linear(16, 8)}
+    torchsnapshot.Snapshot(url).restore(fresh)  # type: ignore[arg-type,unused-ignore]
+    for name, module in modules.items():
+        for ours, theirs in zip(
+            fresh[name].state_dict().values(), module.state_dict().values(), strict=True
+        ):
+            assert torch.equal(ours, theirs)
+
+
+def test_a_commit_refuses_pieces_whose_files_went_away_or_records_are_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pieces, _ = two_pieces(tmp_path / "run", monkeypatch)
+    url = str(tmp_path / "run" / "1")
+    records = [piece.save.records or b"" for piece in pieces]
+    garbled = shared_writer().commit(
+        url, str(tmp_path / "run"), {}, merged_metadata(*pieces), [records[0], b"{not json"]
+    )
+    garbled.thread.join(120)
+    assert garbled.exc_info is not None
+    assert isinstance(garbled.exc_info[1], CheckpointWriteError)
+    assert "piece 1's integrity records" in str(garbled.exc_info[1])
+    second = next(n for n in parse_sidecar(records[1]).files if n.startswith("batched/"))
+    Path(url, second).unlink()  # the second piece's data, removed under the save
+    gone = shared_writer().commit(url, str(tmp_path / "run"), {}, merged_metadata(*pieces), records)
+    gone.thread.join(120)
+    assert gone.exc_info is not None
+    assert "removed or changed" in str(gone.exc_info[1])
+    assert not is_committed(url) and not Path(url, ".integrity.json").exists()
+
+
+def test_a_commit_checks_the_lock_in_the_training_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_dir = tmp_path / "run"
+    with WriterLock(str(save_dir), owner="this run"):
+        pieces, _ = two_pieces(save_dir, monkeypatch)
+        (save_dir / ".writer.lock").unlink()  # the lock is gone: this run may not commit
+        commit = shared_writer().commit(
+            str(save_dir / "1"),
+            str(save_dir),
+            {},
+            merged_metadata(*pieces),
+            [piece.save.records or b"" for piece in pieces],
+        )
+        commit.thread.join(120)
+    assert commit.exc_info is not None
+    assert isinstance(commit.exc_info[1], SaveDirLockedError)
+    assert not is_committed(str(save_dir / "1"))
+    assert Path(save_dir, "1", ".integrity.json").exists()  # stopped right before the marker
+
+
+def test_rank_parts_are_merged_into_rank_zeros_sidecar_and_removed(tmp_path: Path) -> None:
+    """torchsnapshot's multi-rank save, through the torch-free files class its plugin uses."""
+    url = str(tmp_path / "run" / "1")
+    other = CheckpointFiles(url, rank=1)
+    other.write_data("1/model/weight", b"x" * 10)
+    part = tmp_path / "run" / "1" / ".integrity.json.rank-1"
+    assert set(parse_sidecar(part.read_bytes()).files) == {"1/model/weight"}
+    zero = CheckpointFiles(url, rank=0, world_size_of=world_size_of_marker)
+    zero.write_data("0/model/weight", b"y" * 20)
+    zero.commit(json.dumps({"version": "0.1.0", "world_size": 2, "manifest": {}}).encode())
+    sidecar = parse_sidecar((tmp_path / "run" / "1" / ".integrity.json").read_bytes())
+    assert set(sidecar.files) == {"0/model/weight", "1/model/weight"}
+    assert not part.exists() and is_committed(url)
+    # A marker that is YAML but not JSON (written by hand, say): the plugin still reads it.
+    assert world_size_of_marker(b"version: 0.1.0\nworld_size: 3\nmanifest: {}\n") == 3

@@ -6,10 +6,33 @@
 - ``maintenance``: ``prune``, ``materialize``, ``clean-incomplete``.
 
 ``main`` is the console entry point (``tml = "tml_checkpointing.cli:main"``);
-``python -m tml_checkpointing.cli`` runs it too.
+``python -m tml_checkpointing.cli`` runs it too. Its names are imported on first use (PEP 562),
+like the package's: importing a subpackage never imports torch.
 """
 
-from .app import main
-from .common import parse_duration, positive_int
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import main
+    from .common import parse_duration, positive_int
 
 __all__ = ["main", "parse_duration", "positive_int"]
+
+_MODULE_OF = {"main": "app", "parse_duration": "common", "positive_int": "common"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that holds ``name`` and return it (kept for the next lookup)."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

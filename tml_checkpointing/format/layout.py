@@ -36,13 +36,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchsnapshot.snapshot import SNAPSHOT_METADATA_FNAME
-
 from ..errors import InvalidStepError
 
 # -- names -----------------------------------------------------------------------------------
 
-COMMIT_MARKER = SNAPSHOT_METADATA_FNAME  # ".snapshot_metadata": torchsnapshot's own marker
+#: torchsnapshot's own marker (its ``SNAPSHOT_METADATA_FNAME``), spelled here rather than
+#: imported: this module is imported by the writer process, which never imports torch.
+COMMIT_MARKER = ".snapshot_metadata"
 INTEGRITY_SIDECAR = ".integrity.json"
 SAVE_CLAIM = ".writing"
 EVALUATED_BY_DIR = "evaled_by"

@@ -31,13 +31,17 @@ the file (``storage_options={"tml_verify_reads": False}`` turns that off).
 A save whose files disappear before commit (removed by hand or by a cleanup racing it) fails
 instead of committing: the files recorded are checked against one listing right before the
 marker is written.
+
+The writing and the commit protocol are
+:class:`~tml_checkpointing.storage.checkpoint_files.CheckpointFiles` (no torch, so that the
+writer process runs them without importing it); this plugin hands it the rank and a marker
+parser, and does the reading itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -46,22 +50,12 @@ import torch.distributed as dist
 from torchsnapshot.io_types import ReadIO, StoragePlugin, WriteIO
 from torchsnapshot.manifest import SnapshotMetadata
 
-from .. import events
-from ..errors import CheckpointWriteError, corrupt_checkpoint
-from ..format.layout import COMMIT_MARKER, INTEGRITY_SIDECAR, SAVE_CLAIM, integrity_part_name
-from ..format.sidecar import Sidecar, SidecarFormatError, SidecarRecorder, parse_sidecar
+from ..errors import corrupt_checkpoint
+from ..format.layout import COMMIT_MARKER, INTEGRITY_SIDECAR
+from ..format.sidecar import Sidecar, SidecarFormatError, parse_sidecar
+from .checkpoint_files import CheckpointFiles, world_size_from_json
 from .faults import reading
-from .filesystem import (
-    StorageOptions,
-    find_tree,
-    fsync_directory,
-    invalidate_listing,
-    is_local,
-    put_bytes,
-    replace_file,
-    resolve,
-)
-from .locking import assert_holding
+from .filesystem import StorageOptions
 
 TRANSPORT_SCHEME = "tml-fsspec"
 VERIFY_READS_OPTION = "tml_verify_reads"  # storage option read by this plugin, not the backend
@@ -77,29 +71,50 @@ def fsspec_storage_plugin(path: str, storage_options: dict[str, Any] | None) -> 
     return FsspecStoragePlugin(path, storage_options)
 
 
+def world_size_of_marker(metadata: bytes) -> int:
+    """The world size a marker names: parsed as JSON (how torchsnapshot writes it), as YAML
+    only if that fails (a marker written by hand, or by another writer)."""
+    try:
+        return world_size_from_json(metadata)
+    except (ValueError, KeyError, TypeError):
+        return int(SnapshotMetadata.from_yaml(metadata.decode()).world_size)
+
+
 class FsspecStoragePlugin(StoragePlugin):
-    """Reads and writes one snapshot directory through an fsspec filesystem."""
+    """Reads and writes one snapshot directory through an fsspec filesystem.
+
+    Writing and the commit are :class:`~tml_checkpointing.storage.checkpoint_files.CheckpointFiles`
+    (``files``), free of torch so that the writer process runs them without importing it;
+    this class adds what only torch knows (the rank) and torchsnapshot's interface.
+    """
 
     def __init__(self, root: str, storage_options: StorageOptions | None = None) -> None:
         options = dict(storage_options or {})
         self.verify_reads = bool(options.pop(VERIFY_READS_OPTION, True))
+        distributed = dist.is_available() and dist.is_initialized()
+        self.files = CheckpointFiles(
+            root,
+            options,
+            rank=dist.get_rank() if distributed else 0,
+            world_size_of=world_size_of_marker if distributed else None,
+        )
         self.url = root
-        self.fs, self.root = resolve(root, options)
-        self.root = self.root.rstrip("/")
-        self._local = is_local(self.fs)
-        self._created_dirs: set[str] = set()
-        self._integrity = SidecarRecorder()
-        self._rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self._part_lock = threading.Lock()
+        self.fs, self.root = self.files.fs, self.files.root
         self._sidecar: Sidecar | None = None
         self._sidecar_loaded = False
         self._sidecar_lock = threading.Lock()
-        # Last check before the marker; the writer process replaces it with the training
-        # process's answer (it holds the lock, this process does not).
-        self.before_marker: Callable[[], None] = self._assert_lock_held
+
+    @property
+    def before_marker(self) -> Callable[[], None]:
+        """The last check before the marker (by default: this process holds the lock)."""
+        return self.files.before_marker
+
+    @before_marker.setter
+    def before_marker(self, check: Callable[[], None]) -> None:
+        self.files.before_marker = check
 
     def _full_path(self, relative: str) -> str:
-        return f"{self.root}/{relative.lstrip('/')}"
+        return self.files.full_path(relative)
 
     async def write(self, write_io: WriteIO) -> None:
         if write_io.path == COMMIT_MARKER:
@@ -111,116 +126,19 @@ class FsspecStoragePlugin(StoragePlugin):
         await asyncio.to_thread(self._read, read_io)
 
     async def delete(self, path: str) -> None:
-        self._integrity.forget(path)
+        self.files.forget(path)
         await asyncio.to_thread(self.fs.rm_file, self._full_path(path))
 
     async def close(self) -> None:
         return None
 
-    # -- writing ---------------------------------------------------------------------------
+    # -- writing (see CheckpointFiles) ------------------------------------------------------
 
     def _write_data(self, relative: str, buf: bytes | memoryview) -> None:
-        self._write_file(self._full_path(relative), buf)
-        # Recorded only once stored: a failed write leaves no entry claiming it exists.
-        self._integrity.record(relative, buf)
-        if self._rank != 0:
-            # Before this write returns: the part is complete once this rank's data is.
-            with self._part_lock:  # the last rewrite holds every record so far
-                part = self._full_path(integrity_part_name(self._rank))
-                self._write_file(part, self._integrity.to_bytes())
-
-    def _write_file(self, path: str, buf: bytes | memoryview) -> None:
-        if not self._local:
-            # Object stores and memory:// keep the bytes: hand over a copy, never a view
-            # into a staging buffer torchsnapshot may reuse.
-            put_bytes(self.fs, path, bytes(buf))  # bounded in time, never creates a bucket
-            return
-        self._ensure_parent(path)
-        with self.fs.open(path, "wb") as handle:
-            handle.write(buf)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def _ensure_parent(self, path: str) -> None:
-        parent = path.rsplit("/", 1)[0]
-        if parent not in self._created_dirs:
-            self.fs.makedirs(parent, exist_ok=True)
-            self._created_dirs.add(parent)
+        self.files.write_data(relative, buf)
 
     def _commit(self, metadata: bytes) -> None:
-        events.emit(events.SAVE_DATA_WRITTEN, path=self.url)
-        parts = self._merge_rank_parts(metadata)
-        self._check_files_still_there()
-        # The sidecar is data as far as durability goes: written (and fsynced) before the
-        # marker, so a committed checkpoint always has the sidecar it was written with.
-        self._write_file(self._full_path(INTEGRITY_SIDECAR), self._integrity.to_bytes())
-        events.emit(events.SAVE_SIDECAR_WRITTEN, path=self.url)
-        for part in parts:  # merged into the sidecar: not left beside it
-            self.fs.rm_file(part)
-        self.before_marker()  # the run lost its writer lock: no commit
-        replace_file(self.fs, self._full_path(COMMIT_MARKER), metadata)
-        if self._local:
-            # Make the new directory entries durable, deepest first, up to save_dir.
-            for directory in sorted(self._created_dirs, key=len, reverse=True):
-                fsync_directory(directory)
-            fsync_directory(os.path.dirname(self.root) or ".")
-        self._remove_claim()
-        events.emit(events.SAVE_COMMITTED, path=self.url)
-
-    def _assert_lock_held(self) -> None:
-        assert_holding(self.fs.unstrip_protocol(os.path.dirname(self.root)))
-
-    def _merge_rank_parts(self, metadata: bytes) -> list[str]:
-        """Take the other ranks' sidecar records into this (rank 0's) sidecar; their paths.
-
-        A rank that wrote no data file has no part. A part that cannot be parsed fails the
-        commit: the sidecar would otherwise silently cover less than the checkpoint.
-        """
-        if not (dist.is_available() and dist.is_initialized()):
-            return []  # one process: nothing to merge, and no manifest to parse
-        world_size = SnapshotMetadata.from_yaml(metadata.decode()).world_size
-        found: list[str] = []
-        for rank in range(1, world_size):
-            path = self._full_path(integrity_part_name(rank))
-            try:
-                raw = self.fs.cat_file(path)
-            except FileNotFoundError:
-                continue
-            try:
-                self._integrity.merge(parse_sidecar(raw))
-            except SidecarFormatError as error:
-                raise CheckpointWriteError(
-                    f"rank {rank}'s integrity records for {self.url} are unreadable ({error}); "
-                    "nothing was committed"
-                ) from error
-            found.append(path)
-        return found
-
-    def _check_files_still_there(self) -> None:
-        """Refuse to commit over data that went away (one listing, before the marker)."""
-        invalidate_listing(self.fs, self.root)
-        found = find_tree(self.fs, self.root)
-        prefix = f"{self.root}/"
-        sizes = {
-            key[len(prefix) :]: int(info.get("size") or 0)
-            for key, info in found.items()
-            if key.startswith(prefix)
-        }
-        gone = [name for name, size in self._integrity.sizes().items() if sizes.get(name) != size]
-        if gone:
-            raise CheckpointWriteError(
-                f"{len(gone)} data file(s) of {self.url} were removed or changed while it was "
-                f"being written (first: {sorted(gone)[0]}); nothing was committed. Was "
-                "`clean-incomplete` or a manual delete run on a live save?"
-            )
-
-    def _remove_claim(self) -> None:
-        try:
-            self.fs.rm_file(self._full_path(SAVE_CLAIM))
-        except FileNotFoundError:
-            return
-        if self._local:
-            fsync_directory(self.root)
+        self.files.commit(metadata)
 
     # -- reading ---------------------------------------------------------------------------
 

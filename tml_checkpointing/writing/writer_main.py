@@ -5,18 +5,31 @@ Started by :class:`~tml_checkpointing.writing.writer_process.WriterProcess` as
 
 * in: ``{"op": "save", "url": ..., "storage_options": ..., "shm": NAME, "data_file": REL,
   "data_size": N, "objects": {REL: base64}, "metadata": YAML, "environ": {...}}`` (a delta
-  save also ``"delta": {"file": REL, "gathers": [...]}``, see :mod:`.staged_write`),
-  or ``{"op": "exit"}``; any command may list ``"forget": [NAME, ...]``, staging blocks the
-  training process freed (unmapped here first);
-* out, during a save: ``{"event": NAME, "fields": {...}}`` for each commit-protocol event,
-  answered by ``ack`` (go on) or ``abort`` (the training process lost its lock, say) on stdin;
-* out, at the end of a save: ``{"ok": true}`` or ``{"ok": false, "error": TEXT}``.
+  save also ``"delta": {"file": REL, "gathers": [...]}``, see :mod:`.staged_write`; a save
+  written in pieces ``"commit": false``: its files only, see below);
+  ``{"op": "commit", "url": ..., "storage_options": ..., "metadata": YAML,
+  "records": [SIDECAR JSON, ...], "environ": {...}}``: the pieces' records merged, then the
+  commit protocol; ``{"op": "ping"}``; or ``{"op": "exit"}``; any command may list
+  ``"forget": [NAME, ...]``, staging blocks the training process freed (unmapped here first);
+* out, during a save or commit: ``{"event": NAME, "fields": {...}}`` for each commit-protocol
+  event, answered by ``ack`` (go on) or ``abort`` (the training process lost its lock, say)
+  on stdin;
+* out, at the end: ``{"ok": true}`` (a ``"commit": false`` save adds ``"records"``, the
+  sidecar JSON of the files it wrote; a ping adds ``"pid"`` and ``"modules"``, what this
+  process has imported) or ``{"ok": false, "error": TEXT, "errno": N}``.
 
-Writing goes through the same :class:`~tml_checkpointing.storage.plugin.FsspecStoragePlugin`
-as every other save: data (fsynced, block checksums recorded as written), objects, then the
-commit protocol (sidecar, files-still-there check, marker last, claim removed). Why a process:
-the training process's GIL and cores stay with training while the bytes are hashed and
-written. The staging block is shared memory, mapped here, never copied.
+Writing goes through :class:`~tml_checkpointing.storage.checkpoint_files.CheckpointFiles`, the
+same as every other save (torchsnapshot's plugin delegates to it): data (fsynced, block
+checksums recorded as written), objects, then the commit protocol (sidecar, files-still-there
+check, marker last, claim removed). Why a process: the training process's GIL and cores stay
+with training while the bytes are hashed and written. The staging block is shared memory,
+mapped here, never copied.
+
+Why no torch: this process only moves bytes, hashes them and talks to fsspec. Importing torch
+and torchsnapshot cost a fresh writer seconds before its first commit (tens of seconds on a
+loaded machine); without them it is ready well before the first save, as it is started when a
+``Snapshot`` is made. Nothing imported from here may import torch (a test asks a running
+writer what it has imported).
 
 The process ends when its parent does: the pipes close, so the next read (a command, or the
 answer to an event) or write fails and it exits. A checkpoint it was writing then stays
@@ -34,7 +47,7 @@ from multiprocessing import resource_tracker, shared_memory
 from typing import Any, TextIO
 
 from .. import events
-from ..storage.plugin import FsspecStoragePlugin
+from ..storage.checkpoint_files import CheckpointFiles
 from .staged_write import write_staged
 
 WRITER_NICENESS = 5
@@ -49,8 +62,16 @@ class _Channel:
         self.inbox, self.outbox = inbox, outbox
 
     def send(self, message: dict[str, Any]) -> None:
-        self.outbox.write(json.dumps(message) + "\n")
-        self.outbox.flush()
+        """Send one line; a closed pipe (the training process died) stops this process.
+
+        ``SystemExit``, not the ``OSError``: a send from inside ``events.emit`` (the relay)
+        must not be swallowed as a subscriber's error, or the save would go on to its marker
+        without the training process's lock check."""
+        try:
+            self.outbox.write(json.dumps(message) + "\n")
+            self.outbox.flush()
+        except OSError:
+            raise SystemExit(0) from None
 
     def receive(self) -> str:
         line = self.inbox.readline()
@@ -63,7 +84,7 @@ class _Relay:
     """Sends every event to the training process and waits for its answer.
 
     ``events.emit`` never lets a subscriber's error escape, so a refusal is remembered here
-    and raised by :meth:`check` right before the marker (the plugin's ``before_marker``).
+    and raised by :meth:`check` right before the marker (``CheckpointFiles.before_marker``).
     """
 
     def __init__(self, channel: _Channel) -> None:
@@ -96,16 +117,50 @@ def _attach(name: str, cache: dict[str, shared_memory.SharedMemory]) -> memoryvi
     return buffer
 
 
-def _save(
-    command: dict[str, Any], blocks: dict[str, shared_memory.SharedMemory], relay: _Relay
-) -> None:
+def _files(command: dict[str, Any], relay: _Relay) -> CheckpointFiles:
+    """The checkpoint's files, with the environment the training process has now
+    (credentials, endpoints: this process may have started before they were set)."""
     relay.refused_at = ""
     if os.environ != command["environ"]:
         os.environ.clear()
         os.environ.update(command["environ"])
-    plugin = FsspecStoragePlugin(command["url"], command["storage_options"])
-    plugin.before_marker = relay.check
-    write_staged(plugin, _attach(command["shm"], blocks), command)
+    files = CheckpointFiles(command["url"], command["storage_options"])
+    files.before_marker = relay.check
+    return files
+
+
+def _save(
+    command: dict[str, Any], blocks: dict[str, shared_memory.SharedMemory], relay: _Relay
+) -> dict[str, Any]:
+    files = _files(command, relay)
+    commit = bool(command.get("commit", True))
+    write_staged(files, _attach(command["shm"], blocks), command, commit=commit)
+    return {} if commit else {"records": files.records().decode()}
+
+
+def _commit(command: dict[str, Any], relay: _Relay) -> dict[str, Any]:
+    """Commit a save written in pieces: every piece's records, then the commit protocol."""
+    files = _files(command, relay)
+    for index, records in enumerate(command["records"]):
+        files.merge_records(records.encode(), source=f"piece {index}")
+    files.commit(command["metadata"].encode())
+    return {}
+
+
+def _ping() -> dict[str, Any]:
+    """Who this process is and what it has imported (tests check it never imports torch)."""
+    return {"pid": os.getpid(), "modules": sorted(sys.modules)}
+
+
+def _run(
+    command: dict[str, Any], blocks: dict[str, shared_memory.SharedMemory], relay: _Relay
+) -> dict[str, Any]:
+    """Carry out one command; the fields its ``{"ok": true}`` answer adds."""
+    if command["op"] == "commit":
+        return _commit(command, relay)
+    if command["op"] == "ping":
+        return _ping()
+    return _save(command, blocks, relay)
 
 
 def _errno(error: BaseException | None) -> int | None:
@@ -145,14 +200,14 @@ def main() -> int:
                 with contextlib.suppress(BufferError):  # a view still alive: unmapped with it
                     memory.close()
         try:
-            _save(command, blocks, relay)
+            answer = _run(command, blocks, relay)
         except Exception as error:
             # The errno travels too: "disk full" must stay recognisable (not retried).
             channel.send(
                 {"ok": False, "error": f"{type(error).__name__}: {error}", "errno": _errno(error)}
             )
         else:
-            channel.send({"ok": True})
+            channel.send({"ok": True, **answer})
 
 
 if __name__ == "__main__":
