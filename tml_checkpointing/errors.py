@@ -44,6 +44,12 @@ class CheckpointWriteError(CheckpointError, OSError):
     """Writing a checkpoint failed; nothing was committed at that step."""
 
 
+class RankSaveError(CheckpointWriteError):
+    """In a job of several ranks, another rank's part of a checkpoint failed or never came
+    (its writer or its process died, or it took longer than the rank timeout); nothing was
+    committed, and the next save starts afresh."""
+
+
 class CheckpointMismatchError(CheckpointError, KeyError):
     """The checkpoint does not hold what the caller asked to restore."""
 

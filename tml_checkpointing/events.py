@@ -36,6 +36,13 @@ SAVE_DATA_WRITTEN = "save.data_written"
 """Every data file of the checkpoint is stored (and fsynced locally); the integrity sidecar
 and the commit marker are not written yet (nor checked: the check that the data files are
 all still there comes right after). Fields: ``path``. Writer thread."""
+SAVE_RANK_REPORTED = "save.rank_reported"
+"""A job of several ranks: this rank's data files are stored and its part of the manifest and
+integrity records reached rank 0 (rank 0: its own part is written). Nothing is committed.
+Fields: ``path``, ``rank``. A background thread of the rank's process."""
+SAVE_RANKS_JOINED = "save.ranks_joined"
+"""Rank 0 of a job of several ranks holds every rank's part; the commit (sidecar, marker)
+comes next. Fields: ``path``, ``ranks``. A background thread of rank 0's process."""
 SAVE_SIDECAR_WRITTEN = "save.sidecar_written"
 """The integrity sidecar is stored too; the commit marker is pending: the checkpoint is still
 uncommitted. Fields: ``path``. Writer thread."""
@@ -73,6 +80,8 @@ CORRUPT_FOUND = "integrity.corrupt"
 EVENT_NAMES = (
     SAVE_STARTED,
     SAVE_DATA_WRITTEN,
+    SAVE_RANK_REPORTED,
+    SAVE_RANKS_JOINED,
     SAVE_SIDECAR_WRITTEN,
     SAVE_COMMITTED,
     SAVE_FAILED,

@@ -60,6 +60,13 @@ class Snapshot:
             that changed since the previous save; every ``full_every``-th save is full, and
             so is one that would take the chain's deltas past ``max_chain_fraction`` of a full
             checkpoint (bounds a restore's extra reads). See docs/incremental.md.
+        background_staging: ``save()`` returns before the state is copied; the copy runs in
+            a thread while training goes on, and the state's optimizers' next ``step`` (and
+            its modules' next backward pass, where TorchRec's fused optimizers update rows)
+            waits for the copy to end, so a checkpoint is never torn. For training loops that
+            change the saved tensors only through those (see
+            :mod:`tml_checkpointing.writing.background`); ``PendingSave.staged()`` waits for
+            the copy.
 
     The writer process (:mod:`tml_checkpointing.writing.writer_process`): ``save()`` copies
     the tensors into a shared-memory staging block allocated once (re-planned when shapes
@@ -82,6 +89,7 @@ class Snapshot:
         full_every: int = DEFAULT_FULL_EVERY,
         min_chained_bytes: int = MIN_CHAINED_BYTES,
         max_chain_fraction: float = MAX_CHAIN_FRACTION,
+        background_staging: bool = False,
     ) -> None:
         fs, _ = resolve(save_dir, storage_options)  # an unknown protocol fails here, not later
         self.save_dir = save_dir
@@ -97,6 +105,7 @@ class Snapshot:
             incremental=self.incremental,
             min_chained_bytes=min_chained_bytes,
             staging=self._staging,
+            background_staging=background_staging,
         )
         self._chain = ChainCursor(full_every, max_chain_fraction)
         self._extra_state = StateDict(step=0, walltime=0.0)
@@ -104,6 +113,7 @@ class Snapshot:
         self._pending: PendingSave | None = None
         if state is not None:
             self.state = state
+        self._writers.start_writer_soon()  # never blocks; ready by the first save
 
     # -- state -----------------------------------------------------------------------------
 
@@ -189,6 +199,7 @@ class Snapshot:
         try:
             self.wait()
         finally:
+            self._writers.gate.release_hooks()
             self._staging.release()
 
     def __enter__(self) -> Snapshot:

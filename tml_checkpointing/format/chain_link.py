@@ -1,10 +1,17 @@
 """The incremental link format: how a delta checkpoint names its chain in its manifest.
 
-In the torchsnapshot manifest of rank 0 (``<rank>/tml_delta/...``, a key no state uses)::
+In the torchsnapshot manifest (``<rank>/tml_delta/...``, a key no state uses)::
 
     0/tml_delta/chain      str: the ChainLink as JSON (id, parent step, parent id, depth, ...)
-    0/tml_delta/<i>/rows   int64 [n]: indices of the changed rows of tensor i of the link
-    0/tml_delta/<i>/values [n, ...]: their values
+    <r>/tml_delta/<i>/rows   int64 [n]: indices of the changed rows of rank r's delta tensor i
+    <r>/tml_delta/<i>/values [n, ...]: their values
+
+Rank 0's link lists the delta tensors of every rank (:class:`DeltaTensor` ``rank``/``index``
+say whose entries hold its rows). A delta tensor is a whole plain tensor or one saved shard of
+a sharded tensor (TorchRec tables): ``offsets`` place the shard in the global tensor, and its
+rows are the shard's own (row ``k`` of the shard is global row ``offsets[0] + k``), so a chain
+restores into any number of ranks under any plan: each reader applies the rows that fall in
+what it owns.
 
 A tensor's value at checkpoint ``k`` is its full value at the nearest ancestor that stored it
 whole, with every delta from there to ``k`` applied in order. Every save of an incremental
@@ -43,12 +50,34 @@ def delta_values_path(index: int) -> str:
 
 @dataclass(frozen=True)
 class DeltaTensor:
-    """One tensor a checkpoint stores as changed rows: its logical path, dtype and shape."""
+    """One tensor (or one shard of a sharded tensor) a checkpoint stores as changed rows."""
 
     path: str  # logical path without the rank, e.g. model/user.weight
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # of what was saved: the whole tensor, or the shard
     rows: int  # how many rows changed (and were written)
+    offsets: tuple[int, ...] = ()  # a shard's place in the global tensor; (): a whole tensor
+    size: tuple[int, ...] = ()  # the global tensor's shape, for a shard
+    rank: int = 0  # whose manifest holds the rows and values
+    index: int = -1  # they are <rank>/tml_delta/<index>/...; -1: its place in the list
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.offsets)
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        return self.size or self.shape
+
+    @property
+    def row_offset(self) -> int:
+        """Global index of the saved piece's row 0."""
+        return self.offsets[0] if self.offsets else 0
+
+    @property
+    def column_offset(self) -> int:
+        """Global index of the saved piece's first column (2-D and wider)."""
+        return self.offsets[1] if len(self.offsets) > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -75,8 +104,17 @@ class ChainLink:
     def from_json(cls, text: str) -> ChainLink:
         raw = json.loads(text)
         tensors = tuple(
-            DeltaTensor(t["path"], t["dtype"], tuple(t["shape"]), int(t["rows"]))
-            for t in raw.get("tensors", [])
+            DeltaTensor(
+                t["path"],
+                t["dtype"],
+                tuple(t["shape"]),
+                int(t["rows"]),
+                offsets=tuple(t.get("offsets", ())),
+                size=tuple(t.get("size", ())),
+                rank=int(t.get("rank", 0)),
+                index=int(t.get("index", position)),
+            )
+            for position, t in enumerate(raw.get("tensors", []))
         )
         return cls(
             id=str(raw["id"]),
@@ -108,15 +146,24 @@ def chain_link(manifest: Mapping[str, Entry]) -> ChainLink | None:
     return ChainLink.from_json(entry.serialized_value)
 
 
-def delta_entries(
-    manifest: Mapping[str, Entry], link: ChainLink
-) -> dict[str, tuple[TensorEntry, TensorEntry]]:
-    """``{logical path: (rows entry, values entry)}`` of a delta checkpoint's tensors."""
-    found = {}
-    for index, tensor in enumerate(link.tensors):
-        rows = manifest.get(delta_rows_path(index))
-        values = manifest.get(delta_values_path(index))
+@dataclass(frozen=True)
+class DeltaPiece:
+    """One delta tensor of a checkpoint with the entries that hold its rows and values."""
+
+    tensor: DeltaTensor
+    rows: TensorEntry
+    values: TensorEntry
+
+
+def delta_pieces(global_manifest: Mapping[str, Entry], link: ChainLink) -> list[DeltaPiece]:
+    """Every delta tensor of a checkpoint, found in the marker's manifest (all ranks'
+    ``<rank>/...`` paths, as ``SnapshotMetadata.manifest`` has them)."""
+    found = []
+    for tensor in link.tensors:
+        prefix = f"{tensor.rank}/"
+        rows = global_manifest.get(prefix + delta_rows_path(tensor.index))
+        values = global_manifest.get(prefix + delta_values_path(tensor.index))
         if not isinstance(rows, TensorEntry) or not isinstance(values, TensorEntry):
             raise ValueError(f"the manifest has no rows/values for delta tensor {tensor.path}")
-        found[tensor.path] = (rows, values)
+        found.append(DeltaPiece(tensor, rows, values))
     return found

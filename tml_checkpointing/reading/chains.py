@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fsspec import AbstractFileSystem
-from torchsnapshot.manifest import SnapshotMetadata, TensorEntry
+from torchsnapshot.manifest import Entry, ShardedTensorEntry, SnapshotMetadata, TensorEntry
 
 from ..errors import (
     BrokenChainError,
@@ -22,7 +22,7 @@ from ..errors import (
     corrupt_checkpoint,
     corrupt_message,
 )
-from ..format.chain_link import ChainLink, chain_link, delta_entries
+from ..format.chain_link import ChainLink, DeltaPiece, chain_link, delta_pieces
 from ..format.layout import COMMIT_MARKER
 from ..format.torchsnapshot_compat import manifest_of_rank
 from ..storage.filesystem import StorageOptions, resolve
@@ -41,11 +41,20 @@ class Ancestor:
 
 @dataclass
 class ChainedTensor:
-    """Where a chained tensor's value comes from: a whole copy, then deltas oldest first."""
+    """Where a chained tensor's value comes from: a whole copy, then deltas oldest first.
+
+    The whole copy is a plain ``TensorEntry`` or, for a sharded tensor, the
+    ``ShardedTensorEntry`` of every saving rank's shards; a delta checkpoint may hold several
+    pieces of one sharded tensor (one per saved shard), each applied where its rows fall.
+    """
 
     path: str
-    base: tuple[Ancestor, TensorEntry]
-    deltas: list[tuple[Ancestor, TensorEntry, TensorEntry]] = field(default_factory=list)
+    base: tuple[Ancestor, TensorEntry | ShardedTensorEntry]
+    deltas: list[tuple[Ancestor, DeltaPiece]] = field(default_factory=list)
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.base[1], ShardedTensorEntry)
 
 
 def sibling(checkpoint: str, name: str) -> str:
@@ -135,26 +144,25 @@ def chained_tensors(chain: list[Ancestor]) -> dict[str, ChainedTensor]:
     if newest.link is None or not newest.link.is_delta:
         return {}
     resolved: dict[str, ChainedTensor] = {}
-    for tensor in newest.link.tensors:
-        deltas: list[tuple[Ancestor, TensorEntry, TensorEntry]] = []
-        base = None
+    for path in dict.fromkeys(tensor.path for tensor in newest.link.tensors):
+        deltas: list[tuple[Ancestor, DeltaPiece]] = []
+        base: tuple[Ancestor, TensorEntry | ShardedTensorEntry] | None = None
         for ancestor in chain:
-            manifest = manifest_of_rank(ancestor.metadata, 0)
             link = ancestor.link
-            if link is not None and link.is_delta and tensor.path in {t.path for t in link.tensors}:
-                rows, values = delta_entries(manifest, link)[tensor.path]
-                deltas.append((ancestor, rows, values))
+            if link is not None and link.is_delta and path in {t.path for t in link.tensors}:
+                pieces = delta_pieces(ancestor.metadata.manifest, link)
+                # Newest first here, reversed below: pieces of one checkpoint never overlap.
+                deltas.extend((ancestor, piece) for piece in pieces if piece.tensor.path == path)
                 continue
-            entry = manifest.get(tensor.path)
-            if not isinstance(entry, TensorEntry):
-                raise broken_link(
-                    newest.checkpoint, ancestor.checkpoint, f"it does not hold {tensor.path}"
-                )
+            entry = manifest_of_rank(ancestor.metadata, 0).get(path)
+            if not isinstance(entry, TensorEntry | ShardedTensorEntry):
+                problem = f"it does not hold {path}"
+                raise broken_link(newest.checkpoint, ancestor.checkpoint, problem)
             base = (ancestor, entry)
             break
         if base is None:
-            raise broken_link(newest.checkpoint, chain[-1].checkpoint, f"no full {tensor.path}")
-        resolved[tensor.path] = ChainedTensor(tensor.path, base, deltas[::-1])
+            raise broken_link(newest.checkpoint, chain[-1].checkpoint, f"no full {path}")
+        resolved[path] = ChainedTensor(path, base, deltas[::-1])
     return resolved
 
 
@@ -164,14 +172,20 @@ def logical_metadata(metadata: SnapshotMetadata, link: ChainLink | None) -> Snap
     if link is None or not link.is_delta:
         return metadata
     manifest: dict[str, Any] = dict(metadata.manifest)
-    for tensor in link.tensors:
-        manifest[f"0/{tensor.path}"] = TensorEntry(
-            location="(chain)",
-            serializer="buffer_protocol",
-            dtype=tensor.dtype,
-            shape=list(tensor.shape),
-            replicated=False,
-        )
+    for tensor in link.tensors:  # under every rank: each rank's restore looks for its own
+        for rank in range(metadata.world_size):
+            manifest[f"{rank}/{tensor.path}"] = placeholder(tensor.dtype, tensor.global_shape)
     return SnapshotMetadata(
         version=metadata.version, world_size=metadata.world_size, manifest=manifest
+    )
+
+
+def placeholder(dtype: str, shape: tuple[int, ...]) -> Entry:
+    """A manifest entry naming a chained tensor's dtype and global shape (no file)."""
+    return TensorEntry(
+        location="(chain)",
+        serializer="buffer_protocol",
+        dtype=dtype,
+        shape=list(shape),
+        replicated=False,
     )

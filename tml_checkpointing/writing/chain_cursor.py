@@ -26,8 +26,10 @@ class Save(Protocol):
 
     path: str
     global_step: int
-    link: ChainLink | None
     committed: bool
+
+    @property
+    def link(self) -> ChainLink | None: ...
 
 
 class ChainCursor:

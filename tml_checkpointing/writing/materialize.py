@@ -17,6 +17,8 @@ import torch
 from torchsnapshot.manifest import (
     ObjectEntry,
     PrimitiveEntry,
+    Shard,
+    ShardedTensorEntry,
     SnapshotMetadata,
     TensorEntry,
     is_container_entry,
@@ -29,8 +31,10 @@ from ..format.chain_link import DELTA_ROOT
 from ..format.layout import COMMIT_MARKER, batched_file_name
 from ..format.sidecar import Sidecar
 from ..reading.chains import ancestry, chained_tensors, link_of, logical_metadata
-from ..reading.fast_restore import RestorePlan, plan_chained, plan_read, read_planned
+from ..reading.delta_rows import entry_dtype, entry_global_shape
+from ..reading.fast_restore import RestorePlan, plan_chained, plan_piece, plan_read, read_planned
 from ..reading.metadata import read_metadata, read_sidecar
+from ..reading.shard_reads import plan_shards
 from ..reading.verify import verify_checkpoint
 from ..storage.faults import reading, writing
 from ..storage.filesystem import StorageOptions, resolve
@@ -58,11 +62,6 @@ def materialize(
         metadata, why = read_metadata(fs, root, checkpoint)
         if metadata is None:
             raise corrupt_checkpoint(checkpoint, COMMIT_MARKER, why, kind="marker")
-        if metadata.world_size != 1:
-            raise SnapshotStateError(
-                f"{checkpoint} was written by {metadata.world_size} ranks; it is already full "
-                "and plain (only one-rank saves are incremental): copy it as it is"
-            )
         link = link_of(metadata, checkpoint)
         chained = chained_tensors(ancestry(checkpoint, metadata, fs, root)) if link else {}
         logical = logical_metadata(metadata, link)
@@ -74,13 +73,13 @@ def materialize(
         size = _nbytes(tensor)
         block[offset : offset + size].copy_(tensor.contiguous().view(-1).view(torch.uint8))
         entry = manifest[path]
+        if isinstance(entry, ShardedTensorEntry):  # one shard: the whole tensor
+            entry = entry.shards[0].tensor
         assert isinstance(entry, TensorEntry)
         entry.location, entry.byte_range = data_file, [offset, offset + size]
         offset += size
     plain = SnapshotMetadata(
-        version=metadata.version,
-        world_size=1,
-        manifest={f"0/{path}": entry for path, entry in manifest.items()},
+        version=metadata.version, world_size=metadata.world_size, manifest=manifest
     )
     with writing(f"checkpoint {destination}"):
         write_claim(destination, storage_options)
@@ -100,55 +99,103 @@ def _read_state(
     checkpoint: str,
 ) -> tuple[dict[str, torch.Tensor], dict[str, bytes], dict[str, Any]]:
     """Every tensor's value (chained ones rebuilt), every object's bytes, and the manifest
-    of the plain copy (containers, primitives and objects as they are; no chain entries)."""
-    entries = {
-        path[2:]: entry
-        for path, entry in logical.manifest.items()
-        if path.startswith("0/") and not path[2:].startswith(f"{DELTA_ROOT}/")
-    }
+    of the plain copy (``<rank>/<path>``; containers, primitives and objects as they are; no
+    chain entries). A sharded tensor is written whole, as one shard of rank 0 (the other
+    ranks list it with no shard): any number of ranks restores its rows from it."""
     plan = RestorePlan(order=[], containers={})
     tensors: dict[str, torch.Tensor] = {}
     objects: dict[str, bytes] = {}
     manifest: dict[str, Any] = {}
-    for path, entry in entries.items():
-        if is_container_entry(entry) or isinstance(entry, PrimitiveEntry):
-            manifest[path] = entry
+    merged = _sharded_entries(logical)
+    for global_path, entry in logical.manifest.items():
+        rank, path = global_path.split("/", 1)
+        if path.startswith(f"{DELTA_ROOT}/"):
+            continue
+        if path in chained or isinstance(entry, ShardedTensorEntry):
+            sharded = isinstance(entry, ShardedTensorEntry) or chained[path].sharded
+            if rank != "0":
+                if sharded:
+                    manifest[global_path] = ShardedTensorEntry(shards=[])
+                continue  # a replicated tensor: rank 0's entry serves every rank
+            base = chained[path].base[1] if path in chained else merged[path]
+            shape, dtype = entry_global_shape(base), entry_dtype(base)
+            tensor = torch.empty(shape, dtype=string_to_dtype(dtype))
+            planned = (
+                plan_chained(plan, chained[path], tensor)
+                if path in chained
+                else _plan_whole(plan, root, merged[path], tensor)
+            )
+            if not planned:
+                raise SnapshotStateError(f"{checkpoint}: {path} cannot be read as one tensor")
+            tensors[global_path] = tensor
+            whole = _tensor_entry(dtype, shape, replicated=getattr(base, "replicated", False))
+            manifest[global_path] = (
+                ShardedTensorEntry(
+                    shards=[Shard(offsets=[0] * len(shape), sizes=shape, tensor=whole)]
+                )
+                if sharded
+                else whole
+            )
+        elif is_container_entry(entry) or isinstance(entry, PrimitiveEntry):
+            manifest[global_path] = entry
         elif isinstance(entry, ObjectEntry) or (
             isinstance(entry, TensorEntry)
-            and path not in chained
             and entry.byte_range is None
             and entry.serializer != "buffer_protocol"
         ):  # a file of its own (an object, a torch_save tensor): copied as it is
             objects[entry.location] = _read_verified(fs, root, entry.location, checkpoint)
-            manifest[path] = entry
+            manifest[global_path] = entry
         elif isinstance(entry, TensorEntry) and entry.serializer == "buffer_protocol":
             tensor = torch.empty(list(entry.shape), dtype=string_to_dtype(entry.dtype))
-            planned = (
-                plan_chained(plan, chained[path], tensor)
-                if path in chained
-                else plan_read(plan, root, entry, tensor)
-            )
-            if not planned:
+            if not plan_read(plan, root, entry, tensor):
                 raise SnapshotStateError(f"{checkpoint}: {path} cannot be read as one tensor")
-            tensors[path] = tensor
-            manifest[path] = TensorEntry(
-                location="",
-                serializer=entry.serializer,
-                dtype=entry.dtype,
-                shape=list(entry.shape),
-                replicated=False,
+            tensors[global_path] = tensor
+            manifest[global_path] = _tensor_entry(
+                entry.dtype, list(entry.shape), replicated=entry.replicated
             )
         else:
             raise SnapshotStateError(
                 f"{checkpoint}: {path} is a {type(entry).__name__} "
-                f"({getattr(entry, 'serializer', '')}); only plain tensors, objects and "
-                "primitives are materialized"
+                f"({getattr(entry, 'serializer', '')}); only tensors (plain or sharded), "
+                "objects and primitives are materialized"
             )
     sidecars: dict[str, Sidecar | None] = {
         directory: read_sidecar(fs, directory, checkpoint) for directory in plan.directories
     }
     read_planned(plan, fs, sidecars, checkpoint)
     return tensors, objects, manifest
+
+
+def _sharded_entries(metadata: SnapshotMetadata) -> dict[str, ShardedTensorEntry]:
+    """Every sharded tensor's entry with the shards of every saving rank."""
+    merged: dict[str, ShardedTensorEntry] = {}
+    for global_path, entry in metadata.manifest.items():
+        if isinstance(entry, ShardedTensorEntry):
+            path = global_path.split("/", 1)[1]
+            merged.setdefault(path, ShardedTensorEntry(shards=[])).shards.extend(entry.shards)
+    return merged
+
+
+def _plan_whole(
+    plan: RestorePlan, root: str, entry: ShardedTensorEntry, tensor: torch.Tensor
+) -> bool:
+    pieces = plan_shards(entry, tensor)
+    if pieces is None:
+        return False
+    for piece in pieces:
+        plan_piece(plan, root, piece)
+    return True
+
+
+def _tensor_entry(dtype: str, shape: list[int], *, replicated: bool) -> TensorEntry:
+    """A plain tensor of the copy's data file (placed when the file is laid out)."""
+    return TensorEntry(
+        location="",
+        serializer="buffer_protocol",
+        dtype=dtype,
+        shape=list(shape),
+        replicated=replicated,
+    )
 
 
 def _read_verified(fs: Any, root: str, location: str, checkpoint: str) -> bytes:

@@ -41,11 +41,27 @@ class PendingSave:
     ) -> None:
         self.path = path
         self.global_step = global_step
-        self.link = link  # an incremental save's place in its chain
+        self._link = link  # an incremental save's place in its chain
         self._pending = pending
         self._started = time.monotonic()
         self.error_reported = False  # the failure was already raised to a caller
         self.committed = False  # a wait() saw it committed
+
+    @property
+    def link(self) -> ChainLink | None:
+        """An incremental save's place in its chain (a save staged in the background knows
+        it once its copy is done)."""
+        if self._link is None:
+            found = getattr(self._pending, "link", None)
+            if isinstance(found, ChainLink):
+                self._link = found
+        return self._link
+
+    def staged(self, timeout: float | None = None) -> bool:
+        """Wait until the state's copy is done (at once unless staged in the background);
+        ``False`` if ``timeout`` passed first. After it, training may change the state freely."""
+        event = getattr(self._pending, "staged", None)
+        return True if event is None else bool(event.wait(timeout))
 
     def done(self) -> bool:
         """Whether writing has finished (successfully or not): ``wait`` will not block."""

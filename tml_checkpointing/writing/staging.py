@@ -1,25 +1,26 @@
-"""Staging for the writer process: one shared-memory copy of the state, allocated once, reused.
+"""Staging for the writer process: one shared-memory copy of a rank's state, allocated once.
 
 Why: a checkpoint must hold the state as it was when ``save()`` returned, while training goes
 on and changes it. torchsnapshot clones every tensor into fresh memory for that (~1 s per GiB
 of allocation and page faults, every save). Here the tensors are laid out once, 4 KiB aligned,
 in one ``multiprocessing.shared_memory`` block, and each save is a ``copy_`` into it (memory
 bandwidth, no allocation). The writer process maps the same block and writes it to storage as
-one large sequential file, so the training process never runs the I/O.
+one large sequential file, so the training process never runs the I/O. Every rank of a job has
+its own block and its own writer (:mod:`~tml_checkpointing.writing.rank_commit` joins them).
 
-The file keeps torchsnapshot's format: one ``batched/`` data file whose byte ranges the manifest
-names (as torchsnapshot's own batching does), ``torch_save`` files for other objects, primitives
-inline. Plain ``torchsnapshot.Snapshot(path).restore`` reads it.
+The file keeps torchsnapshot's format: one ``batched/`` data file per rank whose byte ranges
+the manifest names (as torchsnapshot's own batching does), local shards of sharded tensors as
+``ShardedTensor`` entries (any rank of any later job reads its rows from them), ``torch_save``
+files for other objects, primitives inline. Plain ``torchsnapshot.Snapshot(path).restore``
+reads it. What is staged: :mod:`~tml_checkpointing.writing.save_plan`.
 
-:func:`plan_save` decides whether a state can take this path: CPU tensors of buffer-protocol
-dtypes, any containers, any picklable leaves. Sharded tensors (TorchRec), DTensors, GPU or
-quantized tensors return ``None`` and the save goes through torchsnapshot as before.
+CUDA tensors are copied device-to-host without blocking into the block, registered with CUDA
+as page-locked memory, with one synchronisation before ``stage`` returns.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import os
 import uuid
@@ -31,10 +32,16 @@ from typing import Any
 
 import torch
 import torchsnapshot
-from torchsnapshot.flatten import flatten
 from torchsnapshot.io_preparer import PrimitivePreparer
-from torchsnapshot.manifest import Entry, ObjectEntry, SnapshotMetadata, TensorEntry
-from torchsnapshot.serialization import BUFFER_PROTOCOL_SUPPORTED_DTYPES, dtype_to_string
+from torchsnapshot.manifest import (
+    Entry,
+    ObjectEntry,
+    Shard,
+    ShardedTensorEntry,
+    SnapshotMetadata,
+    TensorEntry,
+)
+from torchsnapshot.serialization import dtype_to_string
 
 from ..format.chain_link import (
     CHAIN_ENTRY,
@@ -45,48 +52,9 @@ from ..format.chain_link import (
     new_link_id,
 )
 from ..format.layout import batched_file_name, delta_file_name
-from .incremental import (
-    MAX_CHAIN_FRACTION,
-    MIN_CHAINED_BYTES,
-    changed_rows,
-    is_chainable,
-    row_bytes,
-)
-
-ALIGNMENT = 4096  # every tensor starts on a page: direct I/O and page-sized reads stay aligned
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where one tensor lives in the staging block (and in the data file)."""
-
-    path: str  # logical path, e.g. model/weight
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    rows_offset: int = -1  # chained (incremental): where its changed-row indices are staged
-
-    @property
-    def chained(self) -> bool:
-        return self.rows_offset >= 0
-
-
-@dataclass
-class SavePlan:
-    """The state's tensors laid out in one block; reused while the layout does not change."""
-
-    slots: list[TensorSlot]
-    size: int  # bytes of the block, aligned
-    key: tuple[tuple[str, str, tuple[int, ...]], ...] = field(repr=False)
-    # The data file of a full save is the block's first ``full_size`` bytes; a delta save
-    # writes the first ``dense_size`` (the tensors that are never chained come first).
-    full_size: int = 0
-    dense_size: int = 0
-
-    @property
-    def chained(self) -> list[TensorSlot]:
-        return [slot for slot in self.slots if slot.chained]
+from .incremental import MAX_CHAIN_FRACTION, changed_rows, row_bytes
+from .pinned import PinnedRegistration
+from .save_plan import SavePlan, TensorSlot, is_sharded
 
 
 @dataclass(frozen=True)
@@ -121,73 +89,28 @@ class ChainRequest:
     parent_link: ChainLink | None
     full_every: int
     max_chain_fraction: float = MAX_CHAIN_FRACTION
+    # Several ranks: every rank's vote in, the sums out (the same on every rank), so that all
+    # ranks write a delta or all write a full checkpoint. None: this process alone.
+    agree: Callable[[ChainVote], ChainVote] | None = None
 
 
-def flatten_state(app_state: Mapping[str, Any]) -> tuple[dict[str, Entry], dict[str, Any]]:
-    """Containers (manifest entries) and leaves of every stateful's ``state_dict``.
+@dataclass(frozen=True)
+class ChainVote:
+    """One rank's (or, summed, the job's) case for a delta: can it be one, and its bytes."""
 
-    The RNG state is read first and put back afterwards, as torchsnapshot does: another
-    stateful's ``state_dict`` may draw random numbers, and the checkpoint must hold the RNG
-    state of the moment of the save.
-    """
-    manifest: dict[str, Entry] = {}
-    leaves: dict[str, Any] = {}
-    rng_keys = [k for k, v in app_state.items() if isinstance(v, torchsnapshot.RNGState)]
-    rng_states = {key: app_state[key].state_dict() for key in rng_keys}
-    for key, state in rng_states.items():
-        containers, flat = flatten(state, prefix=key)
-        manifest.update(containers)
-        leaves.update(flat)
-    for key, stateful in app_state.items():
-        if key in rng_states:
-            continue
-        containers, flat = flatten(stateful.state_dict(), prefix=key)
-        manifest.update(containers)
-        leaves.update(flat)
-    for key, state in rng_states.items():
-        app_state[key].load_state_dict(state)
-    return manifest, leaves
+    has_parent: bool  # it compared with its parent's values (a delta is possible)
+    delta_bytes: int  # changed rows and their indices
+    dense_bytes: int  # what a delta writes besides the rows
+    full_bytes: int  # what a full checkpoint writes
 
-
-def plan_save(
-    leaves: Mapping[str, Any], incremental: bool = False, min_chained_bytes: int = MIN_CHAINED_BYTES
-) -> SavePlan | None:
-    """The block layout for ``leaves``' tensors, or ``None`` if some leaf needs torchsnapshot.
-
-    ``incremental``: large row-shaped tensors (:func:`~tml_checkpointing.format.chain_link
-    .is_chainable`) go after all the others, each with room for its changed-row indices at
-    the end of the block, so a delta save writes one prefix of the block plus the rows.
-    """
-    tensors: list[tuple[str, torch.Tensor]] = []
-    for path, value in leaves.items():
-        if isinstance(value, torch.Tensor):
-            if not _stageable(value):
-                return None
-            tensors.append((path, value))
-        elif _needs_torchsnapshot(value):
-            return None
-    chained = {
-        path for path, value in tensors if incremental and is_chainable(value, min_chained_bytes)
-    }
-    slots: list[TensorSlot] = []
-    offset = 0
-    for path, value in sorted(tensors, key=lambda item: item[0] in chained):  # stable
-        nbytes = value.numel() * value.element_size()
-        slots.append(TensorSlot(path, value.dtype, tuple(value.shape), offset, nbytes))
-        offset += _aligned(nbytes)
-    dense_size = sum(_aligned(s.nbytes) for s in slots if s.path not in chained)
-    full_size = offset
-    for index, slot in enumerate(slots):
-        if slot.path in chained:
-            slots[index] = dataclasses.replace(slot, rows_offset=offset)
-            offset += _aligned(slot.shape[0] * 8)
-    return SavePlan(
-        slots=slots,
-        size=max(offset, ALIGNMENT),
-        key=plan_key(leaves),
-        full_size=max(full_size, ALIGNMENT),
-        dense_size=dense_size,
-    )
+    @staticmethod
+    def total(votes: list[ChainVote]) -> ChainVote:
+        return ChainVote(
+            has_parent=all(vote.has_parent for vote in votes),
+            delta_bytes=sum(vote.delta_bytes for vote in votes),
+            dense_bytes=sum(vote.dense_bytes for vote in votes),
+            full_bytes=sum(vote.full_bytes for vote in votes),
+        )
 
 
 BLOCK_PREFIX = "tml-staging-"  # + owner pid + random: tml-staging-<pid>-<hex>
@@ -242,15 +165,6 @@ def shared_memory_room(needed: int, directory: str = SHM_DIR) -> bool:
     return stats.f_bavail * stats.f_frsize >= needed * 1.1
 
 
-def plan_key(leaves: Mapping[str, Any]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
-    """What a plan depends on: the tensors' paths, dtypes and shapes (cheap to compare)."""
-    return tuple(
-        (path, str(value.dtype), tuple(value.shape))
-        for path, value in leaves.items()
-        if isinstance(value, torch.Tensor)
-    )
-
-
 class StagingArea:
     """A shared-memory block laid out by a :class:`SavePlan`; tensors are copied in per save.
 
@@ -266,11 +180,13 @@ class StagingArea:
         self.memory = shared_memory.SharedMemory(
             name=f"{BLOCK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True, size=plan.size
         )
-        self._free = weakref.finalize(self, _free_block, self.memory, on_free)
+        # Page-locked for CUDA copies (unregistered before the block is freed).
+        self._pinned = PinnedRegistration(self.memory, plan.size) if plan.on_cuda else None
+        self._free = weakref.finalize(self, _free_block, self.memory, on_free, self._pinned)
         block = torch.frombuffer(self.memory.buf, dtype=torch.uint8, count=plan.size)
-        self._slots = {slot.path: slot for slot in plan.slots}
+        self._slots = {slot.key: slot for slot in plan.slots}
         self._views = {
-            slot.path: block[slot.offset : slot.offset + slot.nbytes]
+            slot.key: block[slot.offset : slot.offset + slot.nbytes]
             .view(slot.dtype)
             .view(slot.shape)
             for slot in plan.slots
@@ -284,7 +200,6 @@ class StagingArea:
         self,
         containers: Mapping[str, Entry],
         leaves: Mapping[str, Any],
-        rank: int = 0,
         chain: ChainRequest | None = None,
     ) -> StagedSave:
         """Copy the tensors in (the caller may change them as soon as this returns) and
@@ -298,25 +213,32 @@ class StagingArea:
         data_file = batched_file_name()  # fresh per attempt (see the function)
         manifest: dict[str, Entry] = dict(containers)
         objects: dict[str, bytes] = {}
-        changed = self._stage_chained(leaves, chain) if chain and chain.parent else None
+        changed, vote = self._stage_chained(leaves, chain) if chain else (None, None)
+        for slot in self.plan.slots:
+            if changed is not None and slot.chained:
+                continue  # its changed rows were staged above; described below
+            source = slot.source(leaves[slot.path])
+            self._views[slot.key].copy_(source, non_blocking=source.is_cuda)
+        if self._pinned is not None:
+            self._pinned.synchronize()  # every device-to-host copy has landed
         for path, value in leaves.items():
-            if isinstance(value, torch.Tensor):
-                slot = self._slots[path]
-                if changed is not None and slot.chained:
-                    continue  # its changed rows were staged above; described below
-                self._views[path].copy_(value.detach())
-                manifest[path] = TensorEntry(
-                    location=data_file,
-                    serializer="buffer_protocol",
-                    dtype=dtype_to_string(value.dtype),
-                    shape=list(value.shape),
-                    replicated=False,
-                    byte_range=[slot.offset, slot.offset + slot.nbytes],
+            if is_sharded(value):
+                if changed is not None and path in self.plan.chained_leaves:
+                    continue  # described by the chain below (on every rank alike)
+                manifest[path] = self._sharded_entry(path, value, data_file)
+            elif isinstance(value, torch.Tensor):
+                placed = self._slots.get(path)
+                if placed is None:
+                    continue  # replicated, saved by rank 0 for every rank
+                if changed is not None and placed.chained:
+                    continue  # described by the chain below
+                manifest[path] = _tensor_entry(
+                    data_file, placed.dtype, list(placed.shape), placed.offset, placed.replicated
                 )
             elif PrimitivePreparer.should_inline(value):
                 manifest[path] = PrimitivePreparer.prepare_write(value)
             else:
-                location = f"{rank}/{path}"
+                location = f"{self.plan.rank}/{path}"
                 buffer = io.BytesIO()
                 torch.save(value, buffer)
                 objects[location] = buffer.getvalue()
@@ -330,39 +252,64 @@ class StagingArea:
             objects=objects,
             metadata="",
         )
-        if chain is not None:
-            self._describe_chain(staged, manifest, chain, changed)
+        if chain is not None and vote is not None:
+            self._describe_chain(staged, manifest, chain, changed, vote)
+        rank = self.plan.rank
         staged.metadata = SnapshotMetadata(
             version=torchsnapshot.__version__,
-            world_size=1,
+            world_size=self.plan.world_size,
             manifest={f"{rank}/{path}": entry for path, entry in manifest.items()},
         ).to_yaml()
         return staged
 
+    def _sharded_entry(self, path: str, value: Any, data_file: str) -> ShardedTensorEntry:
+        """This rank's shards of a sharded tensor, each placed in the global tensor (a rank
+        that holds none of it, as under a table-wise plan, lists no shard)."""
+        shards = []
+        for index in range(len(value.local_shards())):
+            slot = self._slots[f"{path}#{index}"]
+            shards.append(
+                Shard(
+                    offsets=list(slot.offsets),
+                    sizes=list(slot.shape),
+                    tensor=_tensor_entry(data_file, slot.dtype, list(slot.shape), slot.offset),
+                )
+            )
+        return ShardedTensorEntry(shards=shards)
+
     def _stage_chained(
         self, leaves: Mapping[str, Any], chain: ChainRequest
-    ) -> dict[str, torch.Tensor] | None:
-        """Stage the changed rows of every chained tensor; ``{path: row indices}``, or
-        ``None`` when a full save is due (then everything was copied in whole)."""
+    ) -> tuple[dict[str, torch.Tensor] | None, ChainVote]:
+        """Stage the changed rows of every chained tensor; ``({slot key: row indices}, the
+        job's vote)``, or ``(None, vote)`` when a full save is due (then everything is copied
+        in whole). Every rank votes, even one that cannot write a delta: all ranks decide
+        together."""
         parent = chain.parent_link
-        assert parent is not None
-        if parent.depth + 1 >= chain.full_every:
-            return None  # a full save is due: no compare, every tensor is copied whole
+        compare = parent is not None and parent.depth + 1 < chain.full_every
         changed: dict[str, torch.Tensor] = {}
         delta_bytes = 0
-        for slot in self.plan.chained:
-            value, staged = leaves[slot.path].detach(), self._views[slot.path]
+        for slot in self.plan.chained if compare else ():
+            value, staged = slot.source(leaves[slot.path]), self._views[slot.key]
             rows = changed_rows(value, staged)
             if rows.numel():
                 staged.index_copy_(0, rows, value.index_select(0, rows))
-            changed[slot.path] = rows
+            changed[slot.key] = rows
             delta_bytes += rows.numel() * (8 + row_bytes(slot.shape, value.element_size()))
-        if parent.chain_bytes + delta_bytes > chain.max_chain_fraction * parent.full_bytes:
-            return None  # the staged copies are current: the full save writes them as they are
+        own = ChainVote(
+            has_parent=compare,
+            delta_bytes=delta_bytes,
+            dense_bytes=sum(slot.nbytes for slot in self.plan.slots if not slot.chained),
+            full_bytes=sum(slot.nbytes for slot in self.plan.slots),
+        )
+        vote = chain.agree(own) if chain.agree is not None else own
+        if not vote.has_parent or parent is None:
+            return None, vote  # a full save is due: every tensor is copied whole
+        if parent.chain_bytes + vote.delta_bytes > chain.max_chain_fraction * parent.full_bytes:
+            return None, vote  # the staged copies are current: the full save writes them
         for slot in self.plan.chained:
-            rows = changed[slot.path]
+            rows = changed[slot.key]
             self._rows_view(slot)[: rows.numel()].copy_(rows)
-        return changed
+        return changed, vote
 
     def _rows_view(self, slot: TensorSlot) -> torch.Tensor:
         block = torch.frombuffer(self.memory.buf, dtype=torch.uint8, count=self.plan.size)
@@ -374,9 +321,13 @@ class StagingArea:
         manifest: dict[str, Entry],
         chain: ChainRequest,
         changed: dict[str, torch.Tensor] | None,
+        vote: ChainVote,
     ) -> None:
-        """Add the chain link (and, for a delta, the rows/values entries) to the manifest."""
-        full_bytes = sum(slot.nbytes for slot in self.plan.slots)
+        """Add the chain link (and, for a delta, the rows/values entries) to the manifest.
+
+        The link's byte counts are the job's (``vote``: summed over ranks), its tensors this
+        rank's; rank 0 lists every rank's tensors when it commits
+        (:func:`~tml_checkpointing.writing.rank_commit.merge_metadata`)."""
         parent = chain.parent_link
         if changed is None or parent is None:
             staged.link = ChainLink(
@@ -384,8 +335,8 @@ class StagingArea:
                 parent=None,
                 parent_id=None,
                 depth=0,
-                written_bytes=full_bytes,
-                full_bytes=full_bytes,
+                written_bytes=vote.full_bytes,
+                full_bytes=vote.full_bytes,
                 chain_bytes=0,
             )
             manifest[CHAIN_ENTRY] = staged.link.entry()
@@ -394,7 +345,7 @@ class StagingArea:
         staged.data_size = self.plan.dense_size
         offset, tensors = 0, []
         for index, slot in enumerate(self.plan.chained):
-            rows = changed[slot.path]
+            rows = changed[slot.key]
             count, width = rows.numel(), row_bytes(slot.shape, slot.dtype.itemsize)
             staged.gathers.append(Gather(slot.offset, width, slot.rows_offset, count))
             manifest[delta_rows_path(index)] = _tensor_entry(
@@ -405,16 +356,26 @@ class StagingArea:
                 staged.delta_file, slot.dtype, [count, *slot.shape[1:]], offset
             )
             offset += count * width
-            tensors.append(DeltaTensor(slot.path, dtype_to_string(slot.dtype), slot.shape, count))
-        dense_bytes = sum(slot.nbytes for slot in self.plan.slots if not slot.chained)
+            tensors.append(
+                DeltaTensor(
+                    slot.path,
+                    dtype_to_string(slot.dtype),
+                    slot.shape,
+                    count,
+                    offsets=slot.offsets,
+                    size=slot.global_shape,
+                    rank=self.plan.rank,
+                    index=index,
+                )
+            )
         staged.link = ChainLink(
             id=new_link_id(),
             parent=chain.parent,
             parent_id=parent.id,
             depth=parent.depth + 1,
-            written_bytes=dense_bytes + offset,
-            full_bytes=full_bytes,
-            chain_bytes=parent.chain_bytes + offset,
+            written_bytes=vote.dense_bytes + vote.delta_bytes,
+            full_bytes=vote.full_bytes,
+            chain_bytes=parent.chain_bytes + vote.delta_bytes,
             tensors=tuple(tensors),
         )
         manifest[CHAIN_ENTRY] = staged.link.entry()
@@ -425,9 +386,15 @@ class StagingArea:
         self._free()
 
 
-def _free_block(memory: shared_memory.SharedMemory, on_free: Callable[[str], None] | None) -> None:
+def _free_block(
+    memory: shared_memory.SharedMemory,
+    on_free: Callable[[str], None] | None,
+    pinned: PinnedRegistration | None,
+) -> None:
     """Unlink the block; unmap it here unless tensor views still point into it (then the
     mapping goes with them). Runs from finalizers too: must not raise, must not block."""
+    if pinned is not None:
+        pinned.release()
     with contextlib.suppress(FileNotFoundError):
         memory.unlink()
     with contextlib.suppress(BufferError):
@@ -436,7 +403,9 @@ def _free_block(memory: shared_memory.SharedMemory, on_free: Callable[[str], Non
         on_free(memory.name)
 
 
-def _tensor_entry(location: str, dtype: torch.dtype, shape: list[int], start: int) -> TensorEntry:
+def _tensor_entry(
+    location: str, dtype: torch.dtype, shape: list[int], start: int, replicated: bool = False
+) -> TensorEntry:
     nbytes = dtype.itemsize
     for size in shape:
         nbytes *= size
@@ -445,27 +414,6 @@ def _tensor_entry(location: str, dtype: torch.dtype, shape: list[int], start: in
         serializer="buffer_protocol",
         dtype=dtype_to_string(dtype),
         shape=shape,
-        replicated=False,
+        replicated=replicated,
         byte_range=[start, start + nbytes],
     )
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGNMENT) * ALIGNMENT if nbytes else 0
-
-
-def _stageable(tensor: torch.Tensor) -> bool:
-    plain = type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter
-    return (
-        plain
-        and tensor.device.type == "cpu"
-        and tensor.layout == torch.strided
-        and not tensor.is_quantized
-        and tensor.dtype in BUFFER_PROTOCOL_SUPPORTED_DTYPES
-    )
-
-
-def _needs_torchsnapshot(value: Any) -> bool:
-    """Leaves torchsnapshot treats specially (sharded, distributed): not ours to stage."""
-    name = type(value).__name__
-    return name in {"ShardedTensor", "DTensor"}
