@@ -20,6 +20,10 @@ Per repeat, each timed between barriers (the time is the slowest rank's):
 * ``DCP load``: ``torch.distributed.checkpoint.load`` into that state dict in place, then
   ``load_state_dict`` on model and optimizer (what ``tml restore`` does too).
 
+When both 1 and 2 ranks are measured, the 2-rank job keeps its last checkpoints and a third
+job restores them on 1 rank (``tml restore`` and ``DCP load``, 2 ranks -> 1: every shard read,
+another plan), checking the sharded tensors' sum against the saving job's.
+
 If DCP cannot handle the TorchRec optimizer state, DCP is measured on the model alone and the
 output says so (``dcp_scope``). Throughput is total state bytes (every rank's local shards plus
 the replicated dense part once) over the median seconds.
@@ -260,6 +264,52 @@ def worker(args: argparse.Namespace) -> None:
     def close(a: float, b: float) -> bool:
         return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
 
+    def sharded_fingerprint(scope: str) -> float:
+        """Sum of every sharded tensor's elements over all ranks: the same for any world size."""
+        local: list[torch.Tensor] = []
+
+        def walk(value: Any) -> None:
+            if isinstance(value, dict):
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, ShardedTensor):
+                local.extend(s.tensor for s in value.local_shards())
+
+        walk(dcp_state(scope))
+        total = torch.tensor([sum(float(t.double().sum()) for t in local)], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total)
+
+    if args.restore_from:  # another job's checkpoints, restored on this world size
+        kept = Path(args.restore_from)
+        expected = json.loads(args.expect)
+        tml_checkpoint = next(p for p in (kept / "tml").iterdir() if p.is_dir())
+        reshard_times: dict[str, list[float]] = {"tml restore": [], "DCP load": []}
+        reshard_ok = {"tml restore": True, "DCP load": True}
+        for _ in range(args.repeat):
+            scramble("model+optimizer")
+            reshard_times["tml restore"].append(
+                timed(lambda: Snapshot(str(kept / "tml"), state).restore(str(tml_checkpoint)))
+            )
+            reshard_ok["tml restore"] &= close(
+                sharded_fingerprint("model+optimizer"), expected["model+optimizer"]
+            )
+            scramble(scope)
+            reshard_times["DCP load"].append(timed(dcp_load, kept / "dcp", scope))
+            reshard_ok["DCP load"] &= close(sharded_fingerprint(scope), expected[scope])
+        if rank == 0:
+            result = {
+                "ranks": world,
+                "state_bytes": state_bytes,
+                "dcp_scope": scope,
+                "restored_ok": reshard_ok,
+                "times": reshard_times,
+            }
+            Path(args.out).write_text(json.dumps(result))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+
     times: dict[str, list[float]] = {op: [] for op in OPS}
     restored_ok = {"tml restore": True, "DCP load": True}
     scramble_effective = True
@@ -281,10 +331,18 @@ def worker(args: argparse.Namespace) -> None:
         restored_ok["DCP load"] &= close(fingerprint(scope), partial)
         if rank == 0:
             on_disk = {"tml": disk_bytes(Path(checkpoint)), "DCP": disk_bytes(dcp_dir)}
+            if args.keep and repeat == args.repeat - 1:  # for a job on another world size
+                (Path(args.keep) / "tml").mkdir(parents=True)
+                os.rename(checkpoint, Path(args.keep) / "tml" / str(step))
+                os.rename(dcp_dir, Path(args.keep) / "dcp")
             # Keep the disk footprint to one checkpoint of each kind.
             shutil.rmtree(checkpoint, ignore_errors=True)
             shutil.rmtree(dcp_dir, ignore_errors=True)
         dist.barrier()
+    # A collective per name, in the same order on every rank (a set's order is per process).
+    fingerprints = {
+        name: sharded_fingerprint(name) for name in dict.fromkeys(["model+optimizer", scope])
+    }
 
     if rank == 0:
         result = {
@@ -298,6 +356,7 @@ def worker(args: argparse.Namespace) -> None:
             "restored_ok": restored_ok,
             "scramble_effective": scramble_effective,
             "times": times,
+            "sharded_fingerprint": fingerprints,
         }
         Path(args.out).write_text(json.dumps(result))
     dist.barrier()
@@ -313,10 +372,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_job(ranks: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Start one torchrun job of ``ranks`` ranks and return rank 0's result."""
-    out = work / f"result-{ranks}.json"
-    job_dir = work / f"job-{ranks}"
+def run_job(
+    ranks: int, args: argparse.Namespace, work: Path, extra: list[str] | None = None
+) -> dict[str, Any]:
+    """Start one torchrun job of ``ranks`` ranks and return rank 0's result (``extra``:
+    more worker arguments; the job's name is its rank count and ``extra``'s first word)."""
+    name = f"{ranks}{extra[0] if extra else ''}"
+    out = work / f"result-{name}.json"
+    job_dir = work / f"job-{name}"
     job_dir.mkdir()
     command = [
         sys.executable,
@@ -342,6 +405,7 @@ def run_job(ranks: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         str(args.tables),
         "--repeat",
         str(args.repeat),
+        *(extra or []),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     started = time.perf_counter()
@@ -355,7 +419,11 @@ def run_job(ranks: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
-def summarise(results: dict[int, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def summarise(
+    results: dict[int, dict[str, Any]],
+    args: argparse.Namespace,
+    reshard: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     per_ranks: dict[str, Any] = {}
     medians: dict[int, dict[str, float]] = {}
     for ranks, result in results.items():
@@ -398,6 +466,15 @@ def summarise(results: dict[int, dict[str, Any]], args: argparse.Namespace) -> d
                 "restore": round(m["tml restore"] / m["DCP load"], 2),
             }
             for ranks, m in medians.items()
+        }
+    if reshard is not None:
+        seconds = {op: statistics.median(t) for op, t in reshard["times"].items()}
+        report["restore_2_to_1"] = {
+            "dcp_scope": reshard["dcp_scope"],
+            "restored_ok": reshard["restored_ok"],
+            "seconds": {op: round(t, 3) for op, t in seconds.items()},
+            "all_seconds": {op: [round(t, 3) for t in ts] for op, ts in reshard["times"].items()},
+            "time_ratio_tml_over_dcp": round(seconds["tml restore"] / seconds["DCP load"], 2),
         }
     return report
 
@@ -453,6 +530,14 @@ def print_table(report: dict[str, Any]) -> None:
         print(
             f"{r} rank(s): tml/DCP time: save {pair['save']:.2f}x, restore {pair['restore']:.2f}x"
         )
+    if "restore_2_to_1" in report:
+        reshard = report["restore_2_to_1"]
+        print(
+            f"2 ranks -> 1: tml restore {reshard['seconds']['tml restore']:.3f} s, DCP load "
+            f"{reshard['seconds']['DCP load']:.3f} s ({reshard['dcp_scope']}): tml/DCP time "
+            f"{reshard['time_ratio_tml_over_dcp']:.2f}x, restored state checked: "
+            f"{reshard['restored_ok']}"
+        )
     print(f"{report['config']['cpu_count']} CPU cores: 2 ranks share them (ratios are this box's).")
 
 
@@ -470,17 +555,29 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--keep", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--restore-from", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--expect", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
 
     work = Path(tempfile.mkdtemp(prefix="tml-bench-torchrec-", dir=args.dir))
+    world_sizes = [int(n) for n in args.ranks.split(",")]
+    reshard = None
     try:
-        results = {int(n): run_job(int(n), args, work) for n in args.ranks.split(",")}
+        kept = work / "kept"
+        results = {
+            n: run_job(n, args, work, ["--keep", str(kept)] if n == 2 and 1 in world_sizes else [])
+            for n in world_sizes
+        }
+        if kept.exists():  # the 2-rank checkpoints, restored on 1 rank
+            expect = json.dumps(results[2]["sharded_fingerprint"])
+            reshard = run_job(1, args, work, ["--restore-from", str(kept), "--expect", expect])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = summarise(results, args)
+    report = summarise(results, args, reshard)
     if args.json:
         print(json.dumps(report))
     else:

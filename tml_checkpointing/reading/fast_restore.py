@@ -2,24 +2,31 @@
 
 Why: torchsnapshot's restore turns every tensor into its own read request through an asyncio
 loop, a fresh buffer per read, a deserialisation and a copy. On this machine that made a 1 GiB
-restore 1.9x ``torch.load``'s time and 5,000 small tensors 11x. Here each data file is read
-once, front to back, in large chunks into one reused buffer; each chunk's blocks are checked
-against the integrity sidecar (every byte restored is verified, as on the torchsnapshot path)
-and copied into the tensors the state's ``state_dict()`` already holds. Then, as torchsnapshot
-does, each stateful gets ``load_state_dict`` of the inflated state dict, the RNG state last.
+restore 1.9x ``torch.load``'s time and 5,000 small tensors 11x; a sharded TorchRec state on 2
+ranks 1.7x DCP's load. Here each data file is read once, front to back, in large chunks into
+one reused buffer (ranges sorted and coalesced); each chunk's blocks are checked against the
+integrity sidecar (every byte restored is verified, as on the torchsnapshot path) and copied
+into the tensors the state's ``state_dict()`` already holds. Then, as torchsnapshot does, each
+stateful gets ``load_state_dict`` of the inflated state dict, the RNG state last.
 
-Only checkpoints this path restores exactly as torchsnapshot would take it: one rank's, on a
-local filesystem, holding plain tensors (``buffer_protocol``), objects, primitives and
-containers, with a block sidecar or none. Anything else (sharded or chunked tensors, other
-serialisers, object stores, old whole-file sidecars) makes :func:`plan_restore` return
-``None``, and the caller uses torchsnapshot. The plan is made before any byte is read, so
-that decision never leaves a half-restored state.
+Sharded tensors (TorchRec ``ShardedTensor``: tables, fused optimizer state) restore on any
+number of ranks, into the same plan or another: each rank takes the entries torchsnapshot's
+path would give it (:func:`~tml_checkpointing.format.torchsnapshot_compat.reshard_manifest`:
+every saving rank's shards of the tensors it holds) and reads only the byte ranges of the rows
+it holds now (:mod:`.shard_reads`).
+
+Only checkpoints this path restores exactly as torchsnapshot would take it: on a local
+filesystem, holding plain tensors (``buffer_protocol``), sharded tensors of plain shards,
+objects, primitives and containers, with a block sidecar or none. Anything else (chunked
+tensors, DTensors, other serialisers, object stores, old whole-file sidecars, delta chains on
+more than one rank) makes :func:`plan_restore` return ``None``, and the caller uses
+torchsnapshot. The plan is made before any byte is read, so that decision never leaves a
+half-restored state.
 """
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,38 +40,46 @@ from torchsnapshot.manifest import (
     Entry,
     ObjectEntry,
     PrimitiveEntry,
+    ShardedTensorEntry,
     SnapshotMetadata,
     TensorEntry,
     is_container_entry,
 )
-from torchsnapshot.serialization import Serializer, string_to_dtype
+from torchsnapshot.serialization import Serializer, dtype_to_string, string_to_dtype
 
-from ..errors import corrupt_checkpoint
+from ..format.chain_link import DeltaPiece
 from ..format.sidecar import Sidecar
-from ..format.torchsnapshot_compat import manifest_of_rank
+from ..format.torchsnapshot_compat import manifest_of_rank, reshard_manifest, restrict_metadata
 from .chains import ChainedTensor
+from .delta_rows import Region, apply_delta, covers, entry_dtype, entry_global_shape, regions_of
+from .file_reads import Read, RestoreStats, new_scratch, read_file
+from .shard_reads import ShardPiece, is_sharded, plan_shards
 
-#: Bytes read per system call: large sequential reads, one buffer reused for all of them.
-CHUNK_SIZE = 16 * 1024 * 1024
-
-
-@dataclass
-class _Read:
-    """Bytes ``[start, end)`` of one data file, for one tensor (or one object's bytes)."""
-
-    start: int
-    end: int
-    target: torch.Tensor  # contiguous; its bytes receive the range
+__all__ = [
+    "RestorePlan",
+    "RestoreStats",
+    "can_verify",
+    "plan_chained",
+    "plan_read",
+    "plan_restore",
+    "read_chained_tensor",
+    "read_planned",
+    "run_restore",
+]
 
 
 @dataclass
 class _Patch:
-    """Changed rows of one chained tensor in one delta checkpoint, applied after the reads."""
+    """Changed rows of one delta piece (a tensor, or one saved shard of it) in one delta
+    checkpoint, applied after the reads to what this rank holds of the tensor."""
 
     directory: str
-    rows: TensorEntry
-    values: TensorEntry
-    target: torch.Tensor
+    piece: DeltaPiece
+    regions: list[Region]
+
+    @property
+    def rows(self) -> TensorEntry:
+        return self.piece.rows
 
 
 File = tuple[str, str]  # (checkpoint directory, location within it)
@@ -78,7 +93,7 @@ class RestorePlan:
     containers: dict[str, dict[str, Entry]]  # per key: its container entries
     values: dict[str, Any] = field(default_factory=dict)  # logical path -> restored value
     objects: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> its raw bytes
-    reads: dict[File, list[_Read]] = field(default_factory=dict)  # file -> reads
+    reads: dict[File, list[Read]] = field(default_factory=dict)  # file -> reads
     patches: list[_Patch] = field(default_factory=list)  # oldest first, after the reads
 
     @property
@@ -92,40 +107,49 @@ def plan_restore(
     directory: str,
     chained: Mapping[str, ChainedTensor] | None = None,
 ) -> RestorePlan | None:
-    """The plan for restoring ``app_state`` from a one-rank checkpoint in ``directory``, or
-    ``None``. ``chained`` (a delta checkpoint): the tensors rebuilt from its chain; then
-    ``metadata`` is its logical metadata
+    """The plan for restoring ``app_state`` on this rank from the checkpoint in
+    ``directory``, or ``None``. ``chained`` (a delta checkpoint): the tensors rebuilt from
+    its chain, each rank the part it holds; then ``metadata`` is its logical metadata
     (:func:`~tml_checkpointing.reading.chains.logical_metadata`).
     """
-    if metadata.world_size != 1 or (dist.is_initialized() and dist.get_world_size() > 1):
-        return None
+    rank = _rank_and_world_size()[0]
     chained = chained or {}
-    manifest = manifest_of_rank(metadata, 0)
+    one_rank = manifest_of_rank(metadata, 0) if metadata.world_size == 1 else {}
     order = [k for k in app_state if not isinstance(app_state[k], RNGState)]
     order += [k for k in app_state if isinstance(app_state[k], RNGState)]
     plan = RestorePlan(order=order, containers={})
     for key in order:
-        entries = {p: e for p, e in manifest.items() if p == key or p.startswith(f"{key}/")}
+        entries = _entries_of(metadata, one_rank, key, app_state[key], rank)
         if not entries:
             return None  # torchsnapshot says what is missing
         _, flattened = flatten(app_state[key].state_dict(), prefix=key)
         plan.containers[key] = {}
         for path, entry in entries.items():
-            if is_container_entry(entry):
+            current = flattened.get(path)
+            if path in chained:  # before its (placeholder) entry's type: any layout
+                target = current if is_sharded(current) else _target(entry, current)  # type: ignore[arg-type]
+                if not plan_chained(plan, chained[path], target):
+                    return None
+                plan.values[path] = _filled(target)
+            elif is_container_entry(entry):
                 plan.containers[key][path] = entry
             elif type(entry) is PrimitiveEntry:
                 plan.values[path] = entry.get_value()
             elif type(entry) is ObjectEntry and entry.serializer == Serializer.TORCH_SAVE.value:
                 plan.objects[path] = torch.empty(0, dtype=torch.uint8)  # sized when read
                 where = (directory, entry.location)
-                plan.reads.setdefault(where, []).append(_Read(0, -1, plan.objects[path]))
-            elif path in chained:
-                tensor = _target(entry, flattened.get(path))  # type: ignore[arg-type]
-                if not plan_chained(plan, chained[path], tensor):
+                plan.reads.setdefault(where, []).append(Read(0, -1, plan.objects[path]))
+            elif type(entry) is ShardedTensorEntry:
+                pieces = plan_shards(entry, current)
+                if pieces is None:
                     return None
-                plan.values[path] = tensor
+                for piece in pieces:
+                    plan_piece(plan, directory, piece)
+                plan.values[path] = _filled(current)
+            elif is_sharded(current):  # a plain entry into a distributed tensor
+                return None
             elif type(entry) is TensorEntry and _plain(entry):
-                tensor = _target(entry, flattened.get(path))
+                tensor = _target(entry, current)
                 if not plan_read(plan, directory, entry, tensor):
                     return None
                 plan.values[path] = tensor
@@ -134,25 +158,86 @@ def plan_restore(
     return plan
 
 
+def _filled(target: Any) -> Any:
+    """What ``load_state_dict`` gets for a sharded entry read into ``target`` (as
+    torchsnapshot gives it): the ``ShardedTensor`` itself, or a whole plain tensor's data."""
+    return target if is_sharded(target) else target.detach()
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _entries_of(
+    metadata: SnapshotMetadata,
+    one_rank: dict[str, Entry],
+    key: str,
+    stateful: Any,
+    rank: int,
+) -> dict[str, Entry]:
+    """The entries of ``key`` that this rank restores, as torchsnapshot's path
+    (:class:`~tml_checkpointing.format.torchsnapshot_compat.KeyFilteredSnapshot`) has them.
+
+    One saving rank and nothing sharded: its entries as they are (no copy). Otherwise the
+    resharded manifest: this rank's entries (rank 0's for a rank added since), every sharded
+    tensor the stateful holds merged from all saving ranks' shards, and none it does not hold.
+    """
+    own = {p: e for p, e in one_rank.items() if p == key or p.startswith(f"{key}/")}
+    if own and not any(type(entry) is ShardedTensorEntry for entry in own.values()):
+        return own
+    restricted = restrict_metadata(metadata, key)
+    if not restricted.manifest:
+        return {}
+    resharded = reshard_manifest(restricted, key, stateful, rank)
+    return {path.split("/", 1)[1]: entry for path, entry in resharded.manifest.items()}
+
+
 def plan_read(plan: RestorePlan, directory: str, entry: TensorEntry, tensor: torch.Tensor) -> bool:
     start, end = entry.byte_range or (0, _nbytes(tensor))
     if end - start != _nbytes(tensor):
         return False
-    plan.reads.setdefault((directory, entry.location), []).append(_Read(start, end, tensor))
+    plan.reads.setdefault((directory, entry.location), []).append(Read(start, end, tensor))
     return True
 
 
-def plan_chained(plan: RestorePlan, chained: ChainedTensor, tensor: torch.Tensor) -> bool:
-    """Read the tensor's whole copy from the chain's base, then patch each delta's rows."""
+def plan_piece(plan: RestorePlan, directory: str, piece: ShardPiece) -> None:
+    """Read one shard piece: into its destination, or into scratch and scattered from there."""
+    if piece.rows is None:
+        read = Read(piece.start, piece.end, piece.destination)
+    else:
+        read = Read(piece.start, piece.end, torch.empty(0, dtype=torch.uint8), piece)
+    plan.reads.setdefault((directory, piece.location), []).append(read)
+
+
+def plan_chained(plan: RestorePlan, chained: ChainedTensor, target: Any) -> bool:
+    """Read what this rank holds of the tensor from the chain's base (a whole copy, or every
+    saving rank's shards), then patch each delta piece's rows where they fall."""
     base, entry = chained.base
-    if not _plain(entry) or list(entry.shape) != list(tensor.shape):
+    regions = regions_of(target)
+    if regions is None:
         return False
-    if string_to_dtype(entry.dtype) != tensor.dtype:
-        return False
-    if not plan_read(plan, base.root, entry, tensor):
-        return False
-    for ancestor, rows, values in chained.deltas:
-        plan.patches.append(_Patch(ancestor.root, rows, values, tensor))
+    if isinstance(entry, ShardedTensorEntry):
+        pieces = plan_shards(entry, target)
+        if pieces is None:
+            return False
+        for piece in pieces:
+            plan_piece(plan, base.root, piece)
+    else:
+        if is_sharded(target) or not _plain(entry) or list(entry.shape) != list(target.shape):
+            return False
+        if string_to_dtype(entry.dtype) != target.dtype:
+            return False
+        if not plan_read(plan, base.root, entry, target):
+            return False
+    global_shape = entry_global_shape(entry)
+    for ancestor, delta in chained.deltas:
+        if not covers(delta.tensor, global_shape):
+            return False
+        if delta.tensor.dtype != entry_dtype(entry):
+            return False
+        plan.patches.append(_Patch(ancestor.root, delta, regions))
     return True
 
 
@@ -162,7 +247,7 @@ def run_restore(
     fs: AbstractFileSystem,
     sidecars: Mapping[str, Sidecar | None],
     checkpoint: str,
-) -> None:
+) -> RestoreStats:
     """Read every planned range (verified against its directory's sidecar in ``sidecars``,
     when there is one), patch chained tensors with their deltas, then load.
 
@@ -170,12 +255,13 @@ def run_restore(
     after the blocks before it were copied (as on the torchsnapshot path, which restores one
     stateful after another): restore an older checkpoint then.
     """
-    read_planned(plan, fs, sidecars, checkpoint)
+    stats = read_planned(plan, fs, sidecars, checkpoint)
     for path, raw in plan.objects.items():
         plan.values[path] = torch.load(io.BytesIO(raw.numpy().tobytes()))  # as torchsnapshot
     for key in plan.order:
         state_dict = inflate(plan.containers[key], plan.values, prefix=key)
         app_state[key].load_state_dict(state_dict)
+    return stats
 
 
 def read_planned(
@@ -183,20 +269,36 @@ def read_planned(
     fs: AbstractFileSystem,
     sidecars: Mapping[str, Sidecar | None],
     checkpoint: str,
-) -> None:
+) -> RestoreStats:
     """Read every planned range into its target, then apply the deltas, oldest first."""
-    scratch = torch.empty(CHUNK_SIZE, dtype=torch.uint8)
+    scratch = new_scratch()
+    stats = RestoreStats()
     for (directory, location), reads in plan.reads.items():
-        sidecar = sidecars.get(directory)
-        _read_file(fs, directory, location, reads, sidecar, scratch, checkpoint)
+        _read(fs, directory, location, reads, sidecars, scratch, checkpoint, stats)
     for patch in plan.patches:  # one delta's rows in memory at a time
-        rows = torch.empty(list(patch.rows.shape), dtype=torch.int64)
-        values = torch.empty(list(patch.values.shape), dtype=string_to_dtype(patch.values.dtype))
-        reads = [_Read(*_range(patch.rows), rows), _Read(*_range(patch.values), values)]
-        sidecar = sidecars.get(patch.directory)
-        _read_file(fs, patch.directory, patch.rows.location, reads, sidecar, scratch, checkpoint)
-        if rows.numel():
-            patch.target.index_copy_(0, rows, values)
+        piece = patch.piece
+        rows = torch.empty(list(piece.rows.shape), dtype=torch.int64)
+        values = torch.empty(list(piece.values.shape), dtype=string_to_dtype(piece.values.dtype))
+        reads = [Read(*_range(piece.rows), rows), Read(*_range(piece.values), values)]
+        location = piece.rows.location
+        _read(fs, patch.directory, location, reads, sidecars, scratch, checkpoint, stats)
+        apply_delta(piece.tensor, rows, values, patch.regions)
+    return stats
+
+
+def _read(
+    fs: AbstractFileSystem,
+    directory: str,
+    location: str,
+    reads: list[Read],
+    sidecars: Mapping[str, Sidecar | None],
+    scratch: torch.Tensor,
+    checkpoint: str,
+    stats: RestoreStats,
+) -> None:
+    relative = location.lstrip("/")
+    path = f"{directory}/{relative}"
+    read_file(fs, path, relative, reads, sidecars.get(directory), scratch, checkpoint, stats)
 
 
 def read_chained_tensor(
@@ -206,14 +308,16 @@ def read_chained_tensor(
     sidecars: Mapping[str, Sidecar | None],
     checkpoint: str,
 ) -> None:
-    """Rebuild one chained tensor (its base, then its deltas) into ``out``."""
-    in_place = _lands_in(chained.base[1], out)
+    """Rebuild one chained tensor (its base, then its deltas) into ``out`` (whole)."""
+    entry = chained.base[1]
+    in_place = out.is_contiguous() and out.device.type == "cpu" and not out.is_quantized
+    in_place = in_place and entry_dtype(entry) == dtype_to_string(out.dtype)
     landing = out.detach() if in_place else torch.empty_like(out)
     plan = RestorePlan(order=[], containers={})
     if not plan_chained(plan, chained, landing):
         raise ValueError(
-            f"{chained.path} ({chained.base[1].dtype} {list(chained.base[1].shape)}) cannot be "
-            f"read into a {out.dtype} {list(out.shape)} tensor"
+            f"{chained.path} ({entry.type}) cannot be read into a {out.dtype} "
+            f"{list(out.shape)} tensor"
         )
     read_planned(plan, fs, sidecars, checkpoint)
     if not in_place:
@@ -223,7 +327,7 @@ def read_chained_tensor(
 def can_verify(plan: RestorePlan, sidecars: Mapping[str, Sidecar | None]) -> bool:
     """Whether the sidecars (where there are) have block checksums for the files the plan
     reads (a v1 sidecar's whole-file checksums are checked by torchsnapshot's path)."""
-    files = [*plan.reads, *((p.directory, p.rows.location) for p in plan.patches)]
+    files = [*plan.reads, *((p.directory, p.piece.rows.location) for p in plan.patches)]
     for directory, location in files:
         sidecar = sidecars.get(directory)
         record = sidecar.files.get(location.lstrip("/")) if sidecar is not None else None
@@ -263,76 +367,3 @@ def _lands_in(entry: TensorEntry, current: Any) -> bool:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    flat: torch.Tensor = tensor.view(-1).view(torch.uint8)
-    return flat
-
-
-def _read_file(
-    fs: AbstractFileSystem,
-    directory: str,
-    location: str,
-    reads: list[_Read],
-    sidecar: Sidecar | None,
-    scratch: torch.Tensor,
-    checkpoint: str,
-) -> None:
-    """Read the spans ``reads`` need, chunk by chunk, verify each chunk, copy it out."""
-    relative = location.lstrip("/")
-    record = sidecar.files.get(relative) if sidecar is not None else None
-    with fs.open(f"{directory}/{relative}", "rb") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        if record is not None and size != record.size:
-            _corrupt(checkpoint, relative, f"{size} bytes where {record.size} were recorded")
-        for read in reads:
-            if read.end < 0:  # an object: the whole file
-                read.end = size
-                read.target.resize_(size)
-        reads = sorted((r for r in reads if r.end > r.start), key=lambda r: r.start)
-        block = sidecar.block_size if record is not None and sidecar is not None else 1
-        buffer = memoryview(scratch.numpy())  # type: ignore[arg-type]
-        for first, last in _spans(reads, block, size):
-            position = first
-            while position < last:
-                length = min(CHUNK_SIZE, last - position)
-                handle.seek(position)
-                got = handle.readinto(buffer[:length])
-                if got != length:
-                    _corrupt(checkpoint, relative, f"ends at {position + (got or 0)} (truncated)")
-                if record is not None and sidecar is not None:
-                    problem = sidecar.mismatch(relative, position, buffer[:length])
-                    if problem is not None:
-                        _corrupt(checkpoint, relative, problem)
-                _copy_out(reads, position, position + length, scratch)
-                position += length
-
-
-def _spans(reads: list[_Read], block: int, size: int) -> list[tuple[int, int]]:
-    """Block-aligned, merged ``[first, last)`` ranges covering every read, in file order."""
-    spans: list[tuple[int, int]] = []
-    for read in reads:
-        first = (read.start // block) * block
-        last = min(size, -(-read.end // block) * block)
-        if spans and first <= spans[-1][1]:
-            spans[-1] = (spans[-1][0], max(spans[-1][1], last))
-        else:
-            spans.append((first, last))
-    return spans
-
-
-def _copy_out(reads: list[_Read], start: int, end: int, scratch: torch.Tensor) -> None:
-    """Copy the bytes of ``[start, end)`` held in ``scratch`` into every read they overlap."""
-    for read in reads:
-        if read.end <= start:
-            continue
-        if read.start >= end:
-            break
-        low, high = max(read.start, start), min(read.end, end)
-        destination = _as_bytes(read.target)
-        destination[low - read.start : high - read.start].copy_(scratch[low - start : high - start])
-
-
-def _corrupt(checkpoint: str, relative: str, problem: str) -> None:
-    raise corrupt_checkpoint(checkpoint, relative, problem, kind="data")
