@@ -38,7 +38,7 @@ from tml_checkpointing import (
     step_from_checkpoint,
 )
 from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_finish
-from tml_checkpointing.errors import PreemptedError
+from tml_checkpointing.errors import CheckpointShapeMismatchError, PreemptedError
 from tml_checkpointing.lifecycle.preemption import PreemptionGuard
 from tml_checkpointing.storage.locking import WriterLock
 from training.config import TrainConfig, TrainOptions
@@ -96,7 +96,7 @@ def train(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -> Train
             if config.wait_for_evaluators:
                 _wait_for_evaluators(result, config, options.evaluator_timeout)
     finally:
-        close_session(config)  # a refused start built the session to compare shapes
+        close_session(config)  # a refused one-process start built its model to compare shapes
     _publish(result)
     return result
 
@@ -126,14 +126,13 @@ def run_training(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -
     set_deterministic()
     # Checked again under the lock: another start may have recorded the run meanwhile.
     start = check_run_start(config, allow_changed_config=options.allow_changed_config)
-    if options.node_rank == 0:
-        record_run_start(config, start)
+    recorded = record_run_start(config, start) if options.node_rank == 0 else None
     resumed_from = start.resumed_from
     logger.info("Run %s: %s", config.save_dir, _start_description(config, resumed_from))
     progress = _progress_artifact(config)
     results: list[EpochResult] = []
     epoch_task = train_epoch_task.with_options(retries=options.epoch_retries)
-    session = get_session(config)
+    session = get_session(config)  # with ranks: bookkeeping only, the model is theirs
     announcer = CheckpointAnnouncer(
         config.save_dir,
         lambda step: _describe_checkpoint(config, session.checkpoint_metrics, step),
@@ -164,6 +163,12 @@ def run_training(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -
         # Exiting (not failing) marks the flow run Crashed, and no in-process retry starts on
         # a machine that is going away; the next run resumes from the final checkpoint.
         raise SystemExit(preempted.exit_code) from preempted
+    except CheckpointShapeMismatchError:
+        # With ranks, the shape check is theirs, after run.json was recorded: a start they
+        # refused before anything trained leaves run.json as a refusal here would have.
+        if recorded is not None and not any(r.status == "trained" for r in results):
+            recorded.undo()
+        raise
     finally:
         close_session(config)
     return TrainResult(

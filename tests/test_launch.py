@@ -1,4 +1,5 @@
-"""How a run's ranks are launched: the torchrun command line, refused layouts, failure injection.
+"""How a run's ranks are launched: the torchrun command line, refused layouts, failure injection,
+what the flow process of a run with ranks leaves to them (the model, the shape check).
 
 Quick (no process started): the real launches are in tests/test_ranks.py.
 """
@@ -11,9 +12,21 @@ import psutil
 import pytest
 
 from flows.cli import main
+from tml_checkpointing import CheckpointShapeMismatchError
 from training.config import InvalidNodeLayoutError, NodeLayout, TrainConfig
-from training.launch import torchrun_command
+from training.failures import retry_cannot_help
+from training.launch import (
+    RankJobFailedError,
+    RankRefusal,
+    torchrun_command,
+    train_epoch_on_ranks,
+)
 from training.loop import claim_injected_failure
+from training.run_info import RunInfo, write_run_info
+from training.session import close_session, get_session
+from training.start import check_run_start
+
+from .training_helpers import plain_run
 
 RANK_ARGS = ["--epoch", "0"]
 
@@ -80,3 +93,50 @@ def test_an_injected_failure_fires_once_per_run_in_the_epoch_that_holds_it() -> 
     assert not claim_injected_failure(run, 0)  # steps 1-5
     assert claim_injected_failure(run, 1)  # steps 6-10: the first launch injects it
     assert not claim_injected_failure(run, 1)  # the retry runs clean
+
+
+def test_a_start_with_ranks_builds_no_model_in_the_flow_process(tmp_path: Path) -> None:
+    """The recipe raises when built outside a torchrun rank: the start must not build it, not
+    even to compare the checkpoint's shapes (the ranks do, each for its own part)."""
+    save_dir = str(tmp_path / "run")
+    one_process = config(save_dir=save_dir, epochs=1, steps_per_epoch=2, batch_size=16)
+    plain_run(one_process)
+    write_run_info(RunInfo.of(one_process), save_dir)
+    ranked = config(
+        save_dir=save_dir, epochs=2, steps_per_epoch=2, batch_size=16, nproc_per_node=2,
+        recipe="tests.helpers.rank_recipes:build",
+    )  # fmt: skip
+    try:
+        start = check_run_start(ranked, allow_changed_config=True)
+        assert start.resumed_from == f"{save_dir}/2"
+        session = get_session(ranked)
+        assert not session.is_built
+        assert session.config_from_step == 3  # the new segment's, passed on to the ranks
+    finally:
+        close_session(ranked)
+
+
+def test_the_ranks_refusal_is_raised_as_the_named_error_and_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun exits 1 whatever its ranks exited with: the refusal travels as a file."""
+    message = "checkpoint /x/6 does not fit the state being restored: model/t (saved shape ...)"
+
+    def ranks(refuse: bool) -> object:
+        def run(command: list[str], *_: object) -> tuple[int, None]:
+            if refuse:
+                refusal = Path(command[command.index("--refusal") + 1])
+                RankRefusal.of(CheckpointShapeMismatchError(message)).write(refusal)
+            return 1, None
+
+        return run
+
+    run_config = config(save_dir=str(tmp_path / "run"), nproc_per_node=2)
+    monkeypatch.setattr("training.launch._run_forwarding", ranks(refuse=True))
+    with pytest.raises(CheckpointShapeMismatchError) as refused:
+        train_epoch_on_ranks(run_config, 0, NodeLayout(), log=lambda _: None)
+    assert str(refused.value) == message and retry_cannot_help(refused.value)
+    monkeypatch.setattr("training.launch._run_forwarding", ranks(refuse=False))
+    with pytest.raises(RankJobFailedError) as failed:  # any other failure: retried
+        train_epoch_on_ranks(run_config, 0, NodeLayout(), log=lambda _: None)
+    assert not retry_cannot_help(failed.value)

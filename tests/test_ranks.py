@@ -4,7 +4,9 @@
   retried by Prefect and ends bit-identical to an uninterrupted 2-rank run, with no process left;
 * the 2-rank checkpoint restores in one process, under another sharding plan, and is evaluated;
 * a change of world size is refused unless allowed, then resumes 1 -> 2 ranks;
-* two launchers on loopback act as two machines (``--nnodes 2``) over an S3 (moto) save_dir.
+* two launchers on loopback act as two machines (``--nnodes 2``) over an S3 (moto) save_dir;
+* the flow process of a 2-rank run never builds the model, and a checkpoint that does not fit
+  it is refused by the ranks, with the named error, unretried, leaving run.json as it was.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from recipes.torchrec_ranking import TorchRecRankingSizes, build_recipe
 from tml_checkpointing import (
     Snapshot,
     get_checkpoint,
+    get_checkpoints,
     is_done_eval,
     read_checkpoint_metrics,
     verify_checkpoint,
 )
+from tml_checkpointing.format.layout import RUN_INFO, WRITER_LOCK
 
 from .conftest import PrefectServer, S3Server, free_port
 from .training_helpers import assert_bit_identical, checkpoint_tensors
@@ -292,3 +296,41 @@ def test_sigterm_is_forwarded_and_the_ranks_checkpoint_the_step_together(
     assert not rank_processes(), "rank processes left behind"
     summary = run(tml_train(save_dir, "--nproc-per-node=2", **slow), env)
     assert summary["resumed_from"] == f"{save_dir}/{step}" and summary["final_step"] == 12
+
+
+def test_ranks_build_the_model_and_refuse_a_checkpoint_that_does_not_fit(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The recipes of tests/helpers/rank_recipes.py raise when built outside a torchrun rank:
+    a run of them that starts at all had its model built in the ranks only."""
+    save_dir = tmp_path / "rank-only"
+    recipes = "--recipe=tests.helpers.rank_recipes"
+    first = run(tml_train(str(save_dir), "--nproc-per-node=2", f"{recipes}:build", epochs=1), env)
+    assert first["final_step"] == 6
+    record, checkpoints = (save_dir / RUN_INFO).read_bytes(), get_checkpoints(str(save_dir))
+    refused = subprocess.run(
+        tml_train(str(save_dir), "--nproc-per-node=2", f"{recipes}:wide_users",
+                  "--allow-changed-config", epochs=2),
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    output = refused.stdout + refused.stderr
+    assert refused.returncode == 2, output[-5000:]
+    error = json.loads(refused.stdout.strip().splitlines()[-1])
+    # Global sizes compared, though each rank holds half the rows (row-wise plan).
+    mismatch = "t_user.weight (saved shape [2000, 16], expected shape [4000, 16])"
+    assert error["exit_code"] == 2 and mismatch in error["error"], error
+    assert f"checkpoint {save_dir}/6 does not fit" in error["error"]
+    assert "BuiltOutsideRanksError" not in output
+    for rank in (0, 1):  # each rank checked its part and refused, before restoring
+        assert re.search(
+            rf"\[rank {rank}\] ERROR training\.rank_epoch: .*{re.escape(mismatch)}", output
+        )
+    # Named, and not retried: epoch 1 launched once, failed once.
+    assert "attempt 1 failed: CheckpointShapeMismatchError" in output, output[-5000:]
+    assert len(re.findall(r"epoch 1: launching 2 rank", output)) == 1
+    assert "attempt 2" not in output
+    # As a refusal in the flow process: run.json as it was, no lock, no new checkpoint.
+    assert (save_dir / RUN_INFO).read_bytes() == record
+    assert not (save_dir / WRITER_LOCK).exists()
+    assert get_checkpoints(str(save_dir)) == checkpoints and checkpoints[-1].endswith("/6")
+    assert not rank_processes(), "rank processes left behind"

@@ -26,7 +26,8 @@ from prefect.states import Failed
 
 from flows.cli import main
 from flows.train import train
-from recipes.base import load_recipe
+from recipes.base import RecipeParams, load_recipe
+from recipes.torchrec_ranking import SparseFeature, TorchRecRankingSizes, build_recipe
 from tasks.training import _retryable
 from tml_checkpointing import (
     CheckpointWriteError,
@@ -36,6 +37,7 @@ from tml_checkpointing import (
 )
 from tml_checkpointing.errors import CheckpointShapeMismatchError
 from tml_checkpointing.format.layout import RUN_INFO, WRITER_LOCK
+from tml_checkpointing.reading.shapes import check_checkpoint_fits
 from training.config import TrainConfig
 from training.evaluation import EvalConfig, RunNotFoundError, await_run, evaluate_checkpoint
 from training.failures import retry_cannot_help
@@ -160,6 +162,34 @@ def test_shape_mismatch_is_named_before_anything_is_restored(tmp_path: Path) -> 
     assert all(torch.equal(before[k], v) for k, v in recipe.model.state_dict().items())
     assert retry_cannot_help(mismatch.value)
     assert not _retryable(Failed(data=mismatch.value))
+
+
+def test_a_sharded_table_that_is_not_the_models_size_does_not_fit(tmp_path: Path) -> None:
+    """TorchRec tables are ``ShardedTensor``s, compared by global size (what a rank of a run
+    with several checks its part against before restoring; in one process, the flow)."""
+    params = RecipeParams(seed=0, batch_size=16, lr=1e-3)
+    saved = build_recipe(params)  # tables of 2000 users, in this process's one-rank group
+    state = {"model": saved.model, "optimizer": saved.optimizer}
+    snapshot = Snapshot(str(tmp_path), state)
+    try:
+        snapshot.save(1).wait()
+    finally:
+        snapshot.close()
+    check_checkpoint_fits(f"{tmp_path}/1", state)  # the model that wrote it fits
+    default = TorchRecRankingSizes()
+    taller = TorchRecRankingSizes(
+        features=tuple(
+            SparseFeature(f.name, 4000, f.max_ids) if f.name == "user" else f
+            for f in default.features
+        )
+    )
+    other = build_recipe(params, taller)
+    with pytest.raises(CheckpointShapeMismatchError) as mismatch:
+        check_checkpoint_fits(f"{tmp_path}/1", {"model": other.model, "optimizer": other.optimizer})
+    message = str(mismatch.value)
+    assert "t_user.weight (saved shape [2000, 16], expected shape [4000, 16]) (and 1 more)" in (
+        message
+    )  # the other: the table's row-wise Adagrad state, [2000] saved
 
 
 def test_retry_condition_walks_the_cause_chain() -> None:

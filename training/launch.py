@@ -14,6 +14,12 @@ looks, all follow) and finish at once, so no node waits at a rendezvous the othe
 The ``torchrun`` process dies with its launcher (``PR_SET_PDEATHSIG`` = SIGTERM, which it
 passes on to the ranks), and a preemption signal the launcher receives is forwarded the same
 way: the ranks checkpoint the step in progress together and exit 128 + signum.
+
+A failure a retry cannot fix -- the checkpoint to restore does not fit the model, which the
+ranks find before they restore (each checks its own part; the flow process never builds the
+model) -- cannot be told apart by ``torchrun``'s exit status (1 whatever the ranks' was). So
+the ranks say it in a file (:class:`RankRefusal`, next to the result file) and the launcher
+raises it as the named error, which the epoch task does not retry.
 """
 
 from __future__ import annotations
@@ -26,9 +32,16 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
 
 from tml_checkpointing import get_latest_valid_checkpoint, join_url, step_from_checkpoint
-from tml_checkpointing.errors import CheckpointError, PreemptedError
+from tml_checkpointing.errors import (
+    CheckpointError,
+    CheckpointShapeMismatchError,
+    PreemptedError,
+)
 from tml_checkpointing.lifecycle.preemption import PreemptionGuard
 
 from .config import NodeLayout, TrainConfig
@@ -43,6 +56,35 @@ class RankJobFailedError(CheckpointError, RuntimeError):
 
     Retryable: the retry relaunches every rank from the newest committed checkpoint.
     """
+
+
+class RankRefusal(BaseModel):
+    """Why the ranks refused an epoch: a named error a retry cannot fix, and its message.
+
+    Written by each node's local rank 0 (every rank raises the same error, agreed on before
+    any restore), read by that node's launcher once ``torchrun`` has exited.
+    """
+
+    error: Literal["CheckpointShapeMismatchError"]
+    message: str
+
+    @classmethod
+    def of(cls, error: CheckpointShapeMismatchError) -> RankRefusal:
+        return cls(error="CheckpointShapeMismatchError", message=str(error))
+
+    def write(self, path: Path) -> None:
+        """Whole or not at all: the launcher may read it as soon as the ranks are gone."""
+        partial = path.with_suffix(".partial")
+        partial.write_text(self.model_dump_json())
+        partial.replace(path)
+
+    def as_error(self) -> CheckpointShapeMismatchError:
+        return CheckpointShapeMismatchError(self.message)
+
+
+def refusal_file(result_file: Path) -> Path:
+    """Where the ranks write their :class:`RankRefusal` for the launcher of ``result_file``."""
+    return result_file.with_name(f"{result_file.stem}.refused.json")
 
 
 def torchrun_command(config: TrainConfig, layout: NodeLayout, rank_args: list[str]) -> list[str]:
@@ -72,8 +114,10 @@ def train_epoch_on_ranks(
 ) -> EpochResult:
     """Run ``epoch`` on this node's ranks; return the epoch's result once they all finished.
 
-    Raises :class:`RankJobFailedError` when any rank failed, and :class:`PreemptedError` when
-    ``preemption`` was requested meanwhile (the ranks saved the step in progress first).
+    Raises :class:`RankJobFailedError` when any rank failed, :class:`PreemptedError` when
+    ``preemption`` was requested meanwhile (the ranks saved the step in progress first), and
+    ``CheckpointShapeMismatchError`` when the ranks found, before restoring anything, that
+    the checkpoint does not fit the model they built (see :class:`RankRefusal`).
     ``inject_failure``: pass ``config.fail_at_step`` on (the caller injects it once per run).
     ``attempt``: which attempt of the epoch's task this is (recorded with each checkpoint).
     """
@@ -89,7 +133,7 @@ def train_epoch_on_ranks(
         config_file.write_text(job_config.model_dump_json())
         rank_args = ["--config", str(config_file), "--epoch", str(epoch)]
         rank_args += ["--config-from-step", str(config_from_step), "--result", str(result_file)]
-        rank_args += ["--attempt", str(attempt)]
+        rank_args += ["--attempt", str(attempt), "--refusal", str(refusal_file(result_file))]
         command = torchrun_command(config, layout, rank_args)
         log(f"epoch {epoch}: launching {config.nproc_per_node} rank(s) on node {layout.node_rank}")
         returncode, forwarded = _run_forwarding(command, preemption, log)
@@ -102,6 +146,9 @@ def train_epoch_on_ranks(
                 signal_name=forwarded.signal_name or "preemption request",
                 exit_code=forwarded.exit_code,
             )
+        refused = refusal_file(result_file)
+        if returncode != 0 and refused.exists():
+            raise RankRefusal.model_validate_json(refused.read_text()).as_error()
         if returncode != 0 or not result_file.exists():
             raise RankJobFailedError(
                 f"epoch {epoch}: the ranks did not all finish (torchrun exited {returncode}); "

@@ -14,6 +14,12 @@ vanished) fails the others within a minute instead of hanging the epoch; ``torch
 stops the rest of the job as soon as one local rank exits non-zero. Every line a rank prints
 carries ``[rank R]``, so the launcher can forward all ranks' output into one log.
 The local rank 0 of each node writes the epoch's result (rank 0's loss and timing on node 0).
+
+Before a rank restores a checkpoint it checks that the checkpoint fits its part of the model
+(the flow process, which never builds the model, cannot). A checkpoint that does not fit
+stops every rank with ``CheckpointShapeMismatchError`` before anything is restored; the local
+rank 0 writes it to ``--refusal`` for the launcher, which raises it unretried, and the ranks
+exit :data:`EXIT_REFUSED`.
 """
 
 from __future__ import annotations
@@ -31,15 +37,17 @@ from typing import TextIO
 import torch
 import torch.distributed as dist
 
-from tml_checkpointing.errors import PreemptedError
+from tml_checkpointing.errors import CheckpointShapeMismatchError, PreemptedError
 from tml_checkpointing.lifecycle.preemption import PreemptionGuard
 
 from .config import TrainConfig
 from .determinism import set_deterministic
+from .launch import RankRefusal
 from .loop import train_epoch
 from .session import TrainingSession
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
+EXIT_REFUSED = 2  # the checkpoint does not fit: as `tml train` exits for it
 
 logger = logging.getLogger("training.rank_epoch")
 
@@ -79,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config-from-step", type=int, default=1)
     parser.add_argument("--attempt", type=int, default=1, help="of the epoch's task")
     parser.add_argument("--result", type=Path, required=True, help="written by local rank 0")
+    parser.add_argument(
+        "--refusal", type=Path, default=None, help="written by local rank 0 on a refusal"
+    )
     args = parser.parse_args(argv)
     rank = int(os.environ["RANK"])
     sys.stdout = _PrefixedLines(sys.stdout, f"[rank {rank}] ")
@@ -111,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreemptedError as preempted:
         logger.warning("%s", preempted)
         return preempted.exit_code
+    except CheckpointShapeMismatchError as refused:  # every rank: agreed before restoring
+        logger.error("%s", refused)
+        if args.refusal is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            RankRefusal.of(refused).write(args.refusal)
+        return EXIT_REFUSED
     finally:
         dist.destroy_process_group()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -5,6 +5,12 @@ the process, looked up by the run's config. The checkpoint directory is the one 
 truth: a session knows at which committed step its in-memory state is exact
 (``synced_step``), and anything else -- a fresh process, a task retry after a failure
 half-way through an epoch -- restores the newest checkpoint that verifies first.
+
+The model is built on first use, not with the session. A run with several ranks trains in
+``torchrun``'s processes, each building its part of a sharded model; its flow process keeps a
+session for the run's bookkeeping only (segment start, attempt, preemption guard, announced
+metrics) and must never build the whole model, which may not fit one machine. Each rank
+checks, before it restores, that the checkpoint fits its part (:meth:`sync_with_storage`).
 """
 
 from __future__ import annotations
@@ -12,14 +18,18 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
 from torchsnapshot import RNGState
 
 from recipes.base import Recipe, load_recipe
 from recipes.process_group import is_distributed
 from tml_checkpointing import (
     CheckpointError,
+    CheckpointShapeMismatchError,
     CorruptCheckpointError,
     PreemptionGuard,
     Snapshot,
@@ -37,8 +47,24 @@ from .config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+class PeerRankCheckError(CheckpointError, RuntimeError):
+    """Another rank could not check the checkpoint every rank was about to restore (its
+    manifest did not read there). Raised on the ranks whose own check passed, so that none
+    goes on to restore alone and waits for the others in a collective. Retryable: the
+    reading rank's own error names the fault."""
+
+
+@dataclass
+class _Built:
+    """What the recipe built: the state a run trains and its Snapshot."""
+
+    recipe: Recipe
+    snapshot: Snapshot
+    hyperparameters: list[dict[str, Any]]  # each optimizer group's, as built (not "params")
+
+
 class TrainingSession:
-    """Model, optimizer and Snapshot of one run, built from its recipe."""
+    """Model, optimizer and Snapshot of one run, built from its recipe on first use."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -54,39 +80,60 @@ class TrainingSession:
         # Training metrics of each checkpoint this process saved, by step (train_loss, ...):
         # what the checkpoint's Prefect event carries (written next to it as well).
         self.checkpoint_metrics: dict[int, dict[str, float]] = {}
-        self._build()
+        self._built: _Built | None = None  # see the module docstring: built on first use
 
-    def _build(self) -> None:
+    @property
+    def recipe(self) -> Recipe:
+        """The run's model, optimizer and data (built by the recipe now, if not yet)."""
+        return (self._built or self._build()).recipe
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The Snapshot over the run's state (building it now, if not yet)."""
+        return (self._built or self._build()).snapshot
+
+    @property
+    def is_built(self) -> bool:
+        """Whether this process built the run's model (a flow with ranks never does)."""
+        return self._built is not None
+
+    def _build(self) -> _Built:
         self.pristine = True
-        self.recipe: Recipe = load_recipe(self.config.recipe)(self.config.recipe_params())
-        self.snapshot = Snapshot(
+        recipe = load_recipe(self.config.recipe)(self.config.recipe_params())
+        snapshot = Snapshot(
             self.config.save_dir,
-            {"model": self.recipe.model, "optimizer": self.recipe.optimizer, "rng": RNGState()},
+            {"model": recipe.model, "optimizer": recipe.optimizer, "rng": RNGState()},
             storage_options=self.config.storage_options,
             incremental=self.config.incremental,
             full_every=self.config.full_every,
             min_chained_bytes=self.config.incremental_min_bytes,
+            # The loop changes model and optimizer only through backward and step, which
+            # the Snapshot holds while its copy runs: save() costs training no copy time.
+            background_staging=True,
         )
-        self._built_hyperparameters = [
+        hyperparameters = [
             copy.deepcopy({key: value for key, value in group.items() if key != "params"})
-            for group in self.recipe.optimizer.param_groups
+            for group in recipe.optimizer.param_groups
         ]
+        self._built = _Built(recipe, snapshot, hyperparameters)
+        return self._built
 
     def _apply_built_hyperparameters(self, checkpoint: str) -> None:
         """A checkpoint from before a config change (``--allow-changed-config``) restores the
         optimizer's old hyperparameters with its state; the new segment's (lr, ...) are the
         ones the recipe built from the new parameters, so they are put back."""
         groups = self.recipe.optimizer.param_groups
-        if len(groups) != len(self._built_hyperparameters):
+        built_groups = (self._built or self._build()).hyperparameters
+        if len(groups) != len(built_groups):
             logger.warning(
                 "%s has %s optimizer param groups, the recipe builds %s: hyperparameters kept "
                 "as restored.",
                 checkpoint,
                 len(groups),
-                len(self._built_hyperparameters),
+                len(built_groups),
             )
             return
-        for group, built in zip(groups, self._built_hyperparameters, strict=True):
+        for group, built in zip(groups, built_groups, strict=True):
             group.update(copy.deepcopy(built))
         logger.info(
             "%s predates this run's parameters (from step %s): optimizer hyperparameters set "
@@ -121,6 +168,7 @@ class TrainingSession:
             return step
         if latest:
             logger.info("Restoring %s.", latest)
+            self._check_fits_on_every_rank(latest)
             try:
                 self.snapshot.restore(latest)  # every byte hashed as it is read
             except CorruptCheckpointError as error:
@@ -147,6 +195,7 @@ class TrainingSession:
                 self._build()
             if self.config.initial_checkpoint:
                 logger.info("Warm start: weights from %s.", self.config.initial_checkpoint)
+                self._check_fits_on_every_rank(self.config.initial_checkpoint, keys=["model"])
                 self.snapshot.restore(self.config.initial_checkpoint, keys=["model"])
         self.snapshot.step = step
         self.synced_step = step
@@ -162,6 +211,19 @@ class TrainingSession:
         }
         check_checkpoint_fits(checkpoint, state, self.config.storage_options)
 
+    def _check_fits_on_every_rank(self, checkpoint: str, keys: list[str] | None = None) -> None:
+        """With several ranks: :meth:`check_fits` on each rank's own part, every rank raising
+        the same ``CheckpointShapeMismatchError`` (the lowest failing rank's) if any part does
+        not fit.
+
+        Why here: a run with several ranks is checked by its ranks, not by its flow process
+        (which never builds the model). The restore checks shapes as well, but on each rank
+        alone: a rank whose part fits would go on into the restore's collectives and wait
+        there for peers that already failed. In one process the restore's own check is it.
+        """
+        if is_distributed():
+            _raise_on_every_rank(lambda: self.check_fits(checkpoint, keys))
+
     def _move_aside_newer_than(self, step: int) -> None:
         """Committed checkpoints past the newest valid one are corrupt: training will write
         those steps again, so they are moved aside (never deleted) to make room."""
@@ -173,7 +235,34 @@ class TrainingSession:
                 quarantine_checkpoint(checkpoint.path, storage_options=options)
 
     def close(self) -> None:
-        self.snapshot.close()
+        if self._built is not None:
+            self._built.snapshot.close()
+
+
+def _raise_on_every_rank(check: Callable[[], None]) -> None:
+    """Run ``check`` on every rank, then raise on every rank if it failed on any: a shape
+    mismatch as itself (the lowest rank's message), any other failure as the failing rank's
+    own error there and :class:`PeerRankCheckError` on the others. One collective, which
+    every rank reaches whatever its own check did."""
+    outcome: tuple[str, str] | None = None  # ("mismatch" | "error", message)
+    failure: Exception | None = None
+    try:
+        check()
+    except CheckpointShapeMismatchError as error:
+        outcome = ("mismatch", str(error))
+    except Exception as error:  # still join the collective below, then raise it
+        outcome, failure = ("error", f"{type(error).__name__}: {error}"), error
+    outcomes: list[tuple[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    mismatches = [found[1] for found in outcomes if found is not None and found[0] == "mismatch"]
+    if mismatches:
+        raise CheckpointShapeMismatchError(mismatches[0])
+    if failure is not None:
+        raise failure
+    failed = [(rank, found[1]) for rank, found in enumerate(outcomes) if found is not None]
+    if failed:
+        rank, message = failed[0]
+        raise PeerRankCheckError(f"rank {rank} could not check the checkpoint: {message}")
 
 
 def _quarantine_quietly(checkpoint: str, storage_options: dict[str, Any] | None) -> None:

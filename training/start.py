@@ -7,6 +7,13 @@ checkpoint, the recipe imports, the warm-start checkpoint exists and is committe
 parameters match the run's record (``run.json``), and the checkpoint it resumes (or warm-starts)
 from fits the model the recipe builds. Only then does the flow take the writer lock, check
 again under it (another start may have raced in between) and record (:func:`record_run_start`).
+
+The shape check needs the model. A one-process run builds it in the flow's process, which then
+trains it: the check costs nothing extra there. A run with several ranks builds its model in
+the ranks only (each its part of a sharded model: the whole may not fit one machine), so the
+ranks check, each its own part, before they restore (``TrainingSession.sync_with_storage``).
+Their refusal comes after the record was written: :meth:`RecordedStart.undo` then puts
+``run.json`` back as the start found it, so a refused start still leaves the record unchanged.
 """
 
 from __future__ import annotations
@@ -14,10 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recipes.base import load_recipe
-from tml_checkpointing import CheckpointNotFoundError, step_from_checkpoint
+from tml_checkpointing import CheckpointNotFoundError, join_url, step_from_checkpoint
 from tml_checkpointing.catalog.discovery import is_committed
 from tml_checkpointing.catalog.save_dir import assert_save_dir
+from tml_checkpointing.format.layout import RUN_INFO
 from tml_checkpointing.reading.verify import get_latest_valid_checkpoint
+from tml_checkpointing.storage.faults import reading, writing
+from tml_checkpointing.storage.filesystem import StorageOptions, replace_file, resolve
 
 from .config import TrainConfig
 from .run_info import RunInfo, find_run_info, reconcile_run_info, write_run_info
@@ -35,8 +45,9 @@ class RunStart:
 def check_run_start(config: TrainConfig, *, allow_changed_config: bool = False) -> RunStart:
     """Refuse a start that cannot work, reading only; see the module docstring.
 
-    Builds the run's in-process session (model, optimizer) as a side effect, to compare shapes;
-    the caller closes it (``close_session``) when it does not go on to train.
+    A one-process run builds its in-process session (model, optimizer) as a side effect when
+    there is a checkpoint to compare shapes with; the caller closes it (``close_session``)
+    when it does not go on to train. A run with several ranks builds no model here.
     """
     options = config.storage_options
     assert_save_dir(config.save_dir, options)
@@ -55,10 +66,12 @@ def check_run_start(config: TrainConfig, *, allow_changed_config: bool = False) 
         step_from_checkpoint(resumed_from) if resumed_from else 0,
         allow_changed_config=allow_changed_config,
     )
-    session = get_session(config)
+    session = get_session(config)  # builds nothing yet (the model is built on first use)
     recorded = run_info or stored
     if recorded is not None:
         session.config_from_step = recorded.current.from_step
+    if config.world_size > 1:
+        return RunStart(resumed_from=resumed_from, run_info=run_info)  # the ranks check
     if resumed_from:
         session.check_fits(resumed_from)
     elif config.initial_checkpoint:
@@ -66,7 +79,42 @@ def check_run_start(config: TrainConfig, *, allow_changed_config: bool = False) 
     return RunStart(resumed_from=resumed_from, run_info=run_info)
 
 
-def record_run_start(config: TrainConfig, start: RunStart) -> None:
-    """Write ``run.json`` when the start changed it (first start, more epochs, a new segment)."""
-    if start.run_info is not None:
-        write_run_info(start.run_info, config.save_dir, config.storage_options)
+@dataclass(frozen=True)
+class RecordedStart:
+    """What :func:`record_run_start` changed, to undo when the ranks refuse the start."""
+
+    save_dir: str
+    storage_options: StorageOptions | None
+    written: bool  # whether run.json was (re)written at all
+    previous: bytes | None  # run.json as the start found it; None: there was none
+
+    def undo(self) -> None:
+        """Put ``run.json`` back byte for byte as the start found it (remove it if new).
+
+        Only for a start refused before anything trained (the ranks' shape check), with the
+        writer lock still held: no checkpoint of the recorded segment exists to need it.
+        """
+        if not self.written:
+            return
+        fs, path = resolve(join_url(self.save_dir, RUN_INFO), self.storage_options)
+        with writing(f"{self.save_dir}/{RUN_INFO}"):
+            if self.previous is None:
+                fs.rm_file(path)
+            else:
+                replace_file(fs, path, self.previous)
+
+
+def record_run_start(config: TrainConfig, start: RunStart) -> RecordedStart:
+    """Write ``run.json`` when the start changed it (first start, more epochs, a new segment);
+    return what to put back should the ranks refuse the start (:meth:`RecordedStart.undo`)."""
+    options = config.storage_options
+    if start.run_info is None:
+        return RecordedStart(config.save_dir, options, written=False, previous=None)
+    fs, path = resolve(join_url(config.save_dir, RUN_INFO), options)
+    try:
+        with reading(f"{config.save_dir}/{RUN_INFO}"):
+            previous: bytes | None = fs.cat_file(path)
+    except FileNotFoundError:
+        previous = None
+    write_run_info(start.run_info, config.save_dir, options)
+    return RecordedStart(config.save_dir, options, written=True, previous=previous)

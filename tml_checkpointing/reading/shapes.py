@@ -7,9 +7,13 @@ module compares the checkpoint's manifest (shapes recorded at save time) with th
 the state about to be restored and raises :class:`CheckpointShapeMismatchError` naming the
 first tensor that does not fit, while the state is still untouched. Retrying cannot fix it.
 
-Only plain tensors are compared. Sharded tensors (``ShardedTensor``, ``DTensor``) may be
-restored into another sharding plan on purpose (torchsnapshot reshards them), so their local
-shapes are not expected to match.
+Sharded tensors (``ShardedTensor``, ``DTensor``) are compared by their *global* size: they
+may be restored into another sharding plan or world size on purpose (torchsnapshot reshards
+them), so a rank's local shard is not expected to match what any rank saved, but the whole
+tensor must. The saved global size is the extent of the shards of every saving rank; the
+expected one is the size of the rank's sharded tensor, which each rank knows without the
+others. So each rank can check the checkpoint against its own part of a sharded model (a
+model no single machine could build whole), from the manifest alone.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor.api import ShardedTensor
 from torchsnapshot.flatten import flatten
 
 from ..errors import CheckpointShapeMismatchError
@@ -57,24 +62,28 @@ def find_shape_mismatches(metadata: Any, state: Mapping[str, Any]) -> list[Shape
     rank = _rank()  # a rank added since the save reads rank 0's part (see torchsnapshot_compat)
     rank = rank if rank < metadata.world_size else 0
     manifest = manifest_of_rank(metadata, rank)  # read only
+    # A sharded tensor may be in no entry of this rank's manifest (a whole table saved by
+    # another rank), and a rank's entry may hold its own shards only: sizes over all ranks.
+    sharded = _saved_global_sizes(metadata)
     mismatches: list[ShapeMismatch] = []
     for key, stateful in state.items():
         _, flattened = flatten(stateful.state_dict(), prefix=key)
-        expected = {path: value for path, value in flattened.items() if _is_plain_tensor(value)}
+        expected = {path: value for path, value in flattened.items() if _is_tensor(value)}
         strict = isinstance(stateful, torch.nn.Module)
         for path, tensor in expected.items():
-            saved = _saved_shape(manifest.get(path))
+            saved = sharded[path] if path in sharded else _saved_shape(manifest.get(path))
             if saved is None:
                 if strict and path not in manifest:
-                    mismatches.append(ShapeMismatch(path, None, list(tensor.shape)))
+                    mismatches.append(ShapeMismatch(path, None, _global_shape(tensor)))
                 continue
-            if saved != list(tensor.shape):
-                mismatches.append(ShapeMismatch(path, saved, list(tensor.shape)))
+            if saved != _global_shape(tensor):
+                mismatches.append(ShapeMismatch(path, saved, _global_shape(tensor)))
         if strict:
+            saved_under = {**dict(_saved_tensors_under(manifest, key)), **sharded}
             mismatches.extend(
                 ShapeMismatch(path, saved, None)
-                for path, saved in _saved_tensors_under(manifest, key)
-                if path not in flattened
+                for path, saved in saved_under.items()
+                if path.startswith(f"{key}/") and path not in flattened
             )
     return mismatches
 
@@ -98,8 +107,9 @@ def check_checkpoint_fits(
 ) -> None:
     """:func:`check_restore_shapes` without restoring: reads only the checkpoint's manifest.
 
-    For a caller that must know a resume can work before it writes anything (the train flow
-    checks this before it records the run or takes the writer lock).
+    For a caller that must know a resume can work before it writes or restores anything: the
+    train flow of a one-process run checks before it records the run or takes the writer
+    lock; each rank of a run with several checks its part of the model before restoring.
     """
     with reading(f"the manifest of {checkpoint}"):
         metadata = KeyFilteredSnapshot(
@@ -114,12 +124,48 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _is_plain_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and type(value).__name__ not in _SHARDED_TYPES
+def _is_tensor(value: Any) -> bool:
+    """A plain tensor, or a sharded one (``ShardedTensor`` and ``DTensor`` subclass Tensor)."""
+    return isinstance(value, torch.Tensor)
 
 
-_SHARDED_TYPES = {"ShardedTensor", "DTensor"}
+def _global_shape(tensor: torch.Tensor) -> list[int]:
+    """The whole tensor's shape: for a sharded tensor its global size, not the local shard's
+    (a ``DTensor``'s shape is global by definition). A ``ShardedTensor``'s is read from its
+    metadata: its ``size()`` warns of ShardedTensor's deprecation into every rank's log."""
+    if isinstance(tensor, ShardedTensor):
+        return [int(size) for size in tensor.metadata().size]
+    return [int(size) for size in tensor.size()]
+
+
 _SHAPED_ENTRY_TYPES = {"Tensor", "ChunkedTensor"}
+_SHARDED_ENTRY_TYPE = "ShardedTensor"
+
+
+def _saved_global_sizes(metadata: Any) -> dict[str, list[int]]:
+    """The global size of every sharded tensor the checkpoint holds, by logical path.
+
+    Read from the manifest of every saving rank (``"<rank>/<path>"``): per dimension, the
+    farthest extent (offset + size) of any of its shards. Shards of a sharded tensor tile it,
+    so that extent is the size the tensor had when it was saved.
+    """
+    sizes: dict[str, list[int]] = {}
+    for global_path, entry in metadata.manifest.items():
+        if getattr(entry, "type", "") != _SHARDED_ENTRY_TYPE:
+            continue
+        path = global_path.split("/", 1)[1]
+        extent = sizes.get(path)
+        for shard in entry.shards:
+            ends = [
+                int(offset) + int(size)
+                for offset, size in zip(shard.offsets, shard.sizes, strict=True)
+            ]
+            extent = (
+                ends if extent is None else [max(a, b) for a, b in zip(extent, ends, strict=True)]
+            )
+        if extent is not None:
+            sizes[path] = extent
+    return sizes
 
 
 def _saved_shape(entry: Any) -> list[int] | None:
