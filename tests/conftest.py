@@ -359,6 +359,9 @@ _SLOW_MODULES = {
     "test_deployment",
     "test_distributed",
     "test_ranks",
+    "test_rank_kills",
+    "test_sharded_chains",
+    "test_sharded_restore",
 }
 
 
@@ -379,7 +382,10 @@ _LONGEST_FIRST = (
     "test_incremental_crash",  # ~560 s
     "test_crash",  # ~545 s
     "test_kill_resume",  # ~505 s
+    "test_rank_kills",  # ~250 s loaded
     "test_distributed",  # ~125 s
+    "test_sharded_chains",  # ~120 s loaded
+    "test_sharded_restore",  # ~90 s loaded
     "test_signals",  # ~120 s
     "test_s3_faults",  # ~115 s
     "test_packaging",  # ~115 s

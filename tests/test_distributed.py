@@ -33,7 +33,7 @@ JOB_TIMEOUT = 90  # a rank that dies makes the others fail within their 30 s col
 
 
 def torchrun(
-    nproc: int, mode: str, checkpoint: Path, plan: str, out: Path, *, fails_with: str = ""
+    nproc: int, mode: str, checkpoint: Path | str, plan: str, out: Path, *, fails_with: str = ""
 ) -> dict[str, Any]:
     """Run one job to completion; return what rank 0 wrote (or, with ``fails_with``, check
     that the job failed with that text in its output)."""

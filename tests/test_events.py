@@ -138,7 +138,7 @@ def test_unsubscribed_callbacks_hear_nothing(tmp_path: Path) -> None:
     emit(SAVE_STARTED, path="x", step=1)
     Snapshot(str(tmp_path), {"m": torch.nn.Linear(2, 2)}).save(1).wait()
     assert heard == []
-    assert len(set(EVENT_NAMES)) == len(EVENT_NAMES) == 11
+    assert len(set(EVENT_NAMES)) == len(EVENT_NAMES) == 13
 
 
 def test_a_failed_save_is_reported_once(recorder: Recorder, memory_save_dir: str) -> None:

@@ -6,6 +6,9 @@ Usage: ``torchrun --nproc-per-node N ... dist_torchrec.py MODE CKPT PLAN OUT``
   fused row-wise Adagrad in backward) and a dense layer for a few steps, save it through
   ``tml_checkpointing.Snapshot`` with ``{"model": dmp, "optimizer": opt}`` as *separate* entries
   (the original tml layout, torchsnapshot issue 135) and write the full (gathered) state to OUT.
+* ``save-chain``: the same training, saved by an *incremental* ``Snapshot`` after every
+  step (steps 1..CHAIN_SAVES, one full checkpoint then deltas of the changed rows of every
+  rank's shards); CKPT is the save_dir, OUT gets the full state at the last step.
 * ``restore``: build the same model with other weights under PLAN (any world size), restore
   CKPT with ``Snapshot.restore`` and write the full state to OUT.
 * ``plain+restore``: first try the same restore through plain
@@ -40,6 +43,8 @@ from tml_checkpointing import Snapshot
 
 TABLES = [("t0", ["f0"], 40, 8), ("t1", ["f1"], 24, 8)]
 TIMEOUT = datetime.timedelta(seconds=30)
+CHAIN_SAVES = 5
+MIN_CHAINED_BYTES = 64  # the tables here are tiny: chain them anyway
 
 
 class Model(torch.nn.Module):
@@ -179,6 +184,19 @@ def main() -> None:
         save_dir, step = os.path.split(checkpoint)
         snapshot = Snapshot(save_dir, {"model": dmp, "optimizer": opt})
         snapshot.save(int(step)).wait()
+        state = full_state(dmp, opt)
+    elif mode == "save-chain":
+        dmp, opt = build(kind, seed=1)
+        snapshot = Snapshot(
+            checkpoint,
+            {"model": dmp, "optimizer": opt},
+            incremental=True,
+            min_chained_bytes=MIN_CHAINED_BYTES,
+            max_chain_fraction=10.0,  # tiny tables: most rows change; keep the deltas anyway
+        )
+        for step in range(1, CHAIN_SAVES + 1):
+            train(dmp, opt, steps=1)
+            snapshot.save(step).wait()
         state = full_state(dmp, opt)
     else:
         dmp, opt = build(kind, seed=2)
