@@ -64,6 +64,7 @@ typecheck: $(STAMP)
 
 # Writes benchmarks/results/*.json and redraws docs/benchmarks.svg (the README's chart).
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps torch-checkpointing==0.1.1  # the `bench` extra: a peer measured
 	$(BIN)/python benchmarks/bench_save_restore.py --size-mb 512 --repeat 5 --json \
 	  > benchmarks/results/save_restore.json
 	$(BIN)/python benchmarks/chart.py benchmarks/results/save_restore.json docs/benchmarks.svg
@@ -71,6 +72,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_verify.py --size-mb 1024 --repeat 5 --json \
 	  > benchmarks/results/verify.json
 	$(BIN)/python benchmarks/bench_torchrec.py --repeat 3 --json > benchmarks/results/torchrec.json
+	$(BIN)/python benchmarks/bench_sharded.py --busy --json  # writes benchmarks/results/sharded.json
+	$(BIN)/python benchmarks/bench_first_save.py --runs 7
 	$(BIN)/python benchmarks/bench_fast.py --json --chart docs/performance.png \
 	  > benchmarks/results/fast.json
 	$(BIN)/python benchmarks/bench_s3.py --json > benchmarks/results/s3.json

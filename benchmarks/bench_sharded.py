@@ -31,7 +31,8 @@ rank's):
 
 * *stall*: how long ``save()`` holds the training loop, plus what the following steps wait for
   on the writer's behalf (torch-checkpointing's ``lock()`` while its staging runs; for tml,
-  which copies in the background, the first step's excess over an idle step); also per GiB
+  which copies in the background, the time its update hooks held training,
+  ``PendingSave.held_training_s``); also per GiB
   of the rank's local state. *first-step excess*: the first training step after ``save()``
   minus an idle step (work a writer pushes onto training right after returning).
 * *drain slowdown*: training steps run from ``save()`` until the save is committed; their mean
@@ -446,7 +447,7 @@ class Writer:
 class TmlWriter(Writer):
     """Ours: one ``Snapshot`` for all saves of a run, as in training."""
 
-    background = True  # save() returns before the copy: the first step's wait is stall
+    pending: Any = None  # the last save's PendingSave
 
     def __init__(self, job: Job, name: str, incremental: bool, full_every: int = 0) -> None:
         from tml_checkpointing import Snapshot
@@ -464,8 +465,14 @@ class TmlWriter(Writer):
         self.snapshot = Snapshot(str(self.dir), job.state, **options)
         self.links: list[str] = []
 
+    def held_training_s(self) -> float:
+        """Seconds training's updates waited for the last save's background copy (measured
+        by the library, around its hooks' waits)."""
+        return self.pending.held_training_s if self.pending is not None else 0.0
+
     def start(self, step: int) -> tuple[Callable[[], object] | None, Path]:
         pending = self.snapshot.save(step)
+        self.pending = pending
         # Informational only (not the measured API): was it a delta, how deep in its chain.
         link = getattr(pending, "link", None)
         if link is not None:
@@ -721,8 +728,8 @@ def measure_writer(job: Job, writer: Writer, plan: Plan, record: Json) -> tuple[
             idle = (statistics.fmean(before) + statistics.fmean(after)) / 2
             ratio = statistics.fmean(times) / idle
             excess = times[0] - idle
-            if getattr(writer, "background", False):
-                lock = max(lock, excess)  # the first step waited in the update hook
+            if isinstance(writer, TmlWriter):
+                lock = writer.held_training_s()  # what its update hooks held training for
             values = job.max_over_ranks([call + lock, call, lock, excess, under_training, ratio])
             record["stall_s"].append(values[0])
             record["call_s"].append(values[1])

@@ -16,26 +16,35 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchsnapshot import StateDict
 
 from tml_checkpointing import Snapshot
 from tml_checkpointing.writing import staging
+from tml_checkpointing.writing.background import UpdateGate
 
-WAIT = 60.0  # generous: the suite runs on loaded machines
+WAIT = 60.0  # generous: the suite runs on loaded machines (a failing gate waits this long)
 
 
 class _HeldCopy:
-    """Makes every ``StagingArea.stage`` wait until ``release`` (set by training's hook)."""
+    """Makes every ``StagingArea.stage`` wait until training has reached its next update
+    (``reached``, set by the test's own hook) *and* is being held there by the Snapshot's
+    gate: so the update provably comes while the copy is pending, and without the gate the
+    copy would never start (the test then fails on the wait)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reached = threading.Event()
         self.copies_started = 0
+        self.gate: UpdateGate | None = None
         original = staging.StagingArea.stage
 
         def held(area: staging.StagingArea, *args: Any, **kwargs: Any) -> Any:
             self.copies_started += 1
             assert self.reached.wait(WAIT), "training never reached its update during a copy"
             self.reached.clear()
+            assert self.gate is not None
+            assert self.gate.holding.wait(WAIT), "training's update was not held for the copy"
             return original(area, *args, **kwargs)
 
         monkeypatch.setattr(staging.StagingArea, "stage", held)
@@ -69,26 +78,31 @@ def test_optimizer_step_waits_for_the_copy_and_each_checkpoint_holds_its_step(
     tmp_path: Path, held_copy: _HeldCopy
 ) -> None:
     params, optimizer = _params_and_adam(0)
-    # Registered before the Snapshot's own hook, so it runs first: it tells the held copy
-    # that training is at its update, and the Snapshot's hook then holds the update.
-    optimizer.register_step_pre_hook(lambda *_: held_copy.reached.set())
-    state = {"params": params, "optimizer": optimizer}
-    expected: dict[int, dict[str, torch.Tensor]] = {}
-    batches = torch.randn(6, 32, 64, generator=torch.Generator().manual_seed(1))
+    # A process-wide step hook registered before the Snapshot's own, so it runs first: it
+    # tells the held copy that training is at its update; the Snapshot's hook then holds it.
+    signal = register_optimizer_step_pre_hook(lambda *_: held_copy.reached.set())
+    try:
+        state = {"params": params, "optimizer": optimizer}
+        expected: dict[int, dict[str, torch.Tensor]] = {}
+        batches = torch.randn(6, 32, 64, generator=torch.Generator().manual_seed(1))
 
-    def train(batch: torch.Tensor) -> None:
-        (batch @ params["w1"]).relu().matmul(params["w2"]).pow(2).mean().backward()
-        optimizer.step()  # held by the Snapshot's hook until the pending copy is done
-        optimizer.zero_grad()
+        def train(batch: torch.Tensor) -> None:
+            (batch @ params["w1"]).relu().matmul(params["w2"]).pow(2).mean().backward()
+            optimizer.step()  # held by the Snapshot's hook until the pending copy is done
+            optimizer.zero_grad()
 
-    train(batches[0])  # before any save: Adam's state exists in every checkpoint
-    held_copy.reached.clear()  # each copy below waits for the step after its save
-    with Snapshot(str(tmp_path), state, background_staging=True) as snapshot:
-        for step in range(1, 6):
-            expected[step] = _values(state)
-            pending = snapshot.save(step)
-            assert not pending.staged(timeout=0), "save() waited for the copy"
-            train(batches[step])  # changes every tensor saved, while the copy is pending
+        train(batches[0])  # before any save: Adam's state exists in every checkpoint
+        held_copy.reached.clear()  # each copy below waits for the step after its save
+        with Snapshot(str(tmp_path), state, background_staging=True) as snapshot:
+            held_copy.gate = snapshot._writers.gate
+            for step in range(1, 6):
+                expected[step] = _values(state)
+                pending = snapshot.save(step)
+                assert not pending.staged(timeout=0), "save() waited for the copy"
+                train(batches[step])  # changes every tensor saved, while the copy is pending
+                assert pending.held_training_s > 0  # the step was held, and that was counted
+    finally:
+        signal.remove()
     assert held_copy.copies_started == 5
     for step, values in expected.items():
         fresh_params, fresh_optimizer = _params_and_adam(2)
@@ -103,17 +117,13 @@ def test_optimizer_step_waits_for_the_copy_and_each_checkpoint_holds_its_step(
 
 
 class _FusedUpdate(nn.Module):
-    """A table updated inside the backward pass (as TorchRec's fused optimizers do)."""
+    """A table updated inside the backward pass (as TorchRec's fused optimizers do), through
+    PyTorch's optimizer-in-backward API."""
 
     def __init__(self) -> None:
         super().__init__()
         self.table = nn.Parameter(torch.randn(512, 16))
-        self.table.register_hook(self._update)
-
-    def _update(self, grad: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.table.sub_(0.1 * grad)
-        return grad
+        _apply_optimizer_in_backward(torch.optim.SGD, [self.table], {"lr": 0.1})
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table[ids].sum(dim=1)
@@ -130,6 +140,7 @@ def test_an_update_inside_backward_waits_for_the_copy(tmp_path: Path, held_copy:
     model.register_forward_hook(note_backward)
     expected = {}
     with Snapshot(str(tmp_path), {"model": model}, background_staging=True) as snapshot:
+        held_copy.gate = snapshot._writers.gate
         for step in range(1, 5):
             ids = torch.randint(0, 512, (8, 4), generator=torch.Generator().manual_seed(step))
             expected[step] = model.table.detach().clone()

@@ -63,6 +63,14 @@ class PendingSave:
         event = getattr(self._pending, "staged", None)
         return True if event is None else bool(event.wait(timeout))
 
+    @property
+    def held_training_s(self) -> float:
+        """Seconds the training loop waited for this save: with ``background_staging``, the
+        time its next update was held until the copy ended (0.0 for a save that copied in
+        ``save()``, whose cost is the time ``save()`` took)."""
+        held = getattr(self._pending, "held_training_s", 0.0)
+        return float(held)
+
     def done(self) -> bool:
         """Whether writing has finished (successfully or not): ``wait`` will not block."""
         return not self._pending.thread.is_alive()

@@ -71,7 +71,7 @@ class RankChannel:
         store = dist.distributed_c10d._get_default_store()
         # A connection of our own: our waits never hold up training's store calls (a store
         # that cannot be cloned is still thread-safe, only shared).
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, NotImplementedError, AttributeError):
             store = store.clone()  # type: ignore[attr-defined]
         return cls(
             PrefixStore(KEY_PREFIX, store),

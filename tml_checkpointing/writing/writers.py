@@ -119,6 +119,7 @@ class Writers:
 
     def forget_state(self) -> None:
         self._unstageable = ""
+        self.gate.wait()  # a copy of the old state still running keeps its hooks until done
         self.gate.release_hooks()  # hooked on the old state's objects
 
     def start_writer_soon(self) -> None:
@@ -171,6 +172,12 @@ class Writers:
                 self._unstageable = why_not
             elif not shared_memory_room(plan.size):
                 why_not = f"/dev/shm has no room for a {plan.size / 2**20:.0f} MiB staging block"
+                if world_size > 1:  # the other ranks stage: a lone torchsnapshot take would hang
+                    raise SnapshotStateError(
+                        f"rank {rank}: {why_not}; every rank of a job saves the same way. "
+                        "Enlarge /dev/shm (docker: --shm-size) or give every rank's Snapshot "
+                        "writer='torchsnapshot'"
+                    )
                 logger.warning("Saving through torchsnapshot's writer thread: %s.", why_not)
             else:
                 self.staging.replan(plan)
