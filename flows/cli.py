@@ -33,7 +33,7 @@ from flows.local_server import (
     ensure_prefect_api,
     start_unless_api_in_environment,
 )
-from flows.signals import exit_on_signals, exiting, is_signal_exit_code
+from flows.signals import exit_on_signals, exiting, is_signal_exit_code, stopping_exit_code
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -245,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrefectApiUnreachableError as error:
         return _fail_in_one_line("--json" in argv, str(error), error.exit_code)
     except Exception:
+        signalled = stopping_exit_code()
+        if signalled is not None:  # the handler's SignalExit, wrapped on its way up
+            raise SystemExit(signalled) from None
         # A flow failed against an API the user named: if that server has stopped answering
         # since the check before the flow, say so (Prefect's own report is ~100 lines of
         # connection tracebacks) and exit as if it had been down from the start.

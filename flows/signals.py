@@ -83,6 +83,14 @@ def exiting(exit_code: int, deadline_s: float | None = None) -> None:
     ).start()
 
 
+def stopping_exit_code() -> int | None:
+    """``128 + signum`` once a stop signal was received (``None`` before): whatever exception
+    the process then ends with, this is its exit code. The handler's ``SignalExit`` can reach
+    the top wrapped into another error (raised inside a C extension, e.g. pydantic's
+    serialiser during an import), and must still end the run as the signal asked."""
+    return _State.exit_code
+
+
 def _handle(signum: int, frame: FrameType | None) -> None:
     name = signal.Signals(signum).name
     if _State.exit_code is not None:  # already on the way out: stop waiting for teardown

@@ -280,3 +280,24 @@ def test_second_signal_ends_teardown_at_once() -> None:
     assert run.process.returncode == 130
     assert seconds < 5.0
     assert "second signal (SIGINT): exiting now" in run.text()
+
+
+def test_a_signal_exit_wrapped_by_a_c_extension_still_ends_with_the_signal_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handler's ``SignalExit`` raised inside pydantic's serialiser (a SIGTERM landing
+    during ``import prefect``, seen on a loaded machine) reaches ``main`` as a
+    ``PydanticSerializationError``: the run must still end with 128 + signum, no traceback."""
+    import tml_checkpointing.cli
+    from flows import cli, signals
+
+    def interrupted_import(argv: list[str], extend: Any = None) -> int:
+        signals._State.exit_code = 128 + signal.SIGTERM  # what the handler recorded
+        raise RuntimeError("Error calling function `_ser_model`: SignalExit: 143")
+
+    monkeypatch.setattr(tml_checkpointing.cli, "main", interrupted_import)
+    monkeypatch.setattr(signals._State, "exit_code", None)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["checkpoints", "list", "/nonexistent"])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert stop.value.__cause__ is None and stop.value.__suppress_context__

@@ -171,12 +171,17 @@ class RankSave:
         assert records is not None
         return {"ok": True, "metadata": self._metadata, "records": records.decode()}
 
+    def _own_error(self) -> BaseException | None:
+        return self._data.exc_info[1] if self._data.exc_info is not None else None
+
     def _report_and_wait(self) -> None:
         rank = self._channel.rank
         part = self._own_part()
         self._channel.post(self._keys.part(rank), part)
-        if not part["ok"]:
-            raise RankSaveError(f"rank {rank}'s part of {self._url} failed: {part['error']}")
+        if not part["ok"]:  # chained to the writer's error: "disk full" stays recognisable
+            raise RankSaveError(
+                f"rank {rank}'s part of {self._url} failed: {part['error']}"
+            ) from self._own_error()
         events.emit(events.SAVE_RANK_REPORTED, path=self._url, rank=rank)
         (outcome,) = self._channel.receive(
             {0: self._keys.outcome(rank)}, f"rank 0's commit of {self._url}"
@@ -189,7 +194,9 @@ class RankSave:
         try:
             own = self._own_part()
             if not own["ok"]:
-                raise RankSaveError(f"rank 0's part of {self._url} failed: {own['error']}")
+                raise RankSaveError(
+                    f"rank 0's part of {self._url} failed: {own['error']}"
+                ) from self._own_error()
             events.emit(events.SAVE_RANK_REPORTED, path=self._url, rank=0)
             others = self._channel.receive(
                 {rank: self._keys.part(rank) for rank in range(1, world_size)},
