@@ -94,7 +94,10 @@ def test_verify_exit_codes(tmp_path: Path, capsys) -> None:
     code, payload = run_json(capsys, "checkpoints", "verify", str(tmp_path), "--full")
     assert code == 0 and payload["ok"] and len(payload["checkpoints"]) == 4
     victim = flip_a_byte(tmp_path / "20")
-    assert run_json(capsys, "checkpoints", "verify", str(tmp_path))[0] == 0  # sizes still fine
+    quick = run_json(capsys, "checkpoints", "verify", str(tmp_path), "--quick")
+    assert quick[0] == 0  # sizes still fine: --quick reads no byte
+    code, payload = run_json(capsys, "checkpoints", "verify", str(tmp_path))
+    assert code == 1 and payload["level"] == "full"  # the default reads every byte
     code, payload = run_json(capsys, "checkpoints", "verify", str(tmp_path), "--full")
     assert code == 1 and payload["corrupt"] == [str(tmp_path / "20")]
     bad = next(c for c in payload["checkpoints"] if c["status"] == "corrupt")

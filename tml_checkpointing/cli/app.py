@@ -84,7 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
         checkpoints_verify,
     )
     verify.add_argument("target", help="a checkpoint or a save_dir")
-    verify.add_argument("--full", action="store_true", help="also compare checksums (reads all)")
+    depth = verify.add_mutually_exclusive_group()
+    depth.add_argument(
+        "--quick",
+        action="store_true",
+        help="sizes and marker only (one listing), no byte read: fast, but a same-size flipped "
+        "byte passes",
+    )
+    depth.add_argument(
+        "--full", action="store_true", help="read and checksum every byte (the default)"
+    )
 
     prune_cmd = command(
         "prune", "delete checkpoints a retention policy does not keep", checkpoints_prune

@@ -24,7 +24,8 @@ from .common import (
 def checkpoints_verify(args: argparse.Namespace) -> int:
     target = args.target
     require_directory(target)
-    level = "full" if args.full else "size"
+    # A command called verify reads what it vouches for; --quick is the one-listing check.
+    level = "size" if args.quick else "full"
     if is_committed(target):
         targets, incomplete = [target], []
     else:
