@@ -12,9 +12,9 @@ imports under ``TYPE_CHECKING``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_names
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -287,15 +287,4 @@ _SOURCES: dict[str, tuple[str, ...]] = {
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that holds ``name`` and return it (kept for the next lookup)."""
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, globals(), _MODULE_OF, __all__)

@@ -12,8 +12,9 @@ like the package's: importing a subpackage never imports torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 if TYPE_CHECKING:
     from .app import main
@@ -24,15 +25,4 @@ __all__ = ["main", "parse_duration", "positive_int"]
 _MODULE_OF = {"main": "app", "parse_duration": "common", "positive_int": "common"}
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module that holds ``name`` and return it (kept for the next lookup)."""
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, globals(), _MODULE_OF, __all__)
