@@ -15,8 +15,8 @@ LIBRARY = Path(__file__).resolve().parent.parent / "tml_checkpointing"
 PACKAGE = "tml_checkpointing"
 
 # The rooms from the bottom up: a module may import from its own room and the rooms below it.
-# The top-level modules (_version, _lazy, errors, events) are the floor; snapshot and the package's own
-# __init__ sit above every room but cli.
+# The top-level modules (_version, _lazy, errors, events) are the floor; snapshot and the
+# package's own __init__ sit above every room but cli.
 ORDER = [
     "_version",
     "_lazy",
