@@ -23,6 +23,7 @@ Two models, because they answer two questions:
 from __future__ import annotations
 
 from typing import Any, Literal
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -273,6 +274,7 @@ def _is_host_port(value: str) -> bool:
 
 
 DEFAULT_EPOCH_RETRIES = 2
+DEFAULT_MAX_RESTARTS = 3
 
 
 class TrainOptions(NodeLayout):
@@ -298,3 +300,20 @@ class TrainOptions(NodeLayout):
         "size differ from what run.json recorded (recorded there as a new segment).",
         json_schema_extra=group("operations"),
     )
+    max_restarts: int = Field(
+        default=DEFAULT_MAX_RESTARTS,
+        ge=0,
+        description="Deployed runs: how often a run that crashed or was preempted is started "
+        "again by the automation (automations.yaml) before its lineage stops restarting.",
+        json_schema_extra=group("operations"),
+    )
+
+
+class RestartOf(BaseModel):
+    """Which run a deployed ``train`` run resumes, filled by the resume automation
+    (automations.yaml) from the crashed run: its id and this restart's number in the lineage."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    flow_run_id: UUID = Field(description="The crashed or preempted flow run resumed.")
+    number: int = Field(ge=1, description="1 for the first restart of a lineage, then 2, ...")
