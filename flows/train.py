@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.reporting import ThrottledReport
+from flows.restarts import begin_restart, preempted_state
 from flows.signals import exiting
 from tasks.checkpoint_events import CheckpointAnnouncer
 from tasks.naming import artifact_key, experiment, flow_run_namer, tag_run_with_experiment
@@ -41,7 +42,7 @@ from tml_checkpointing import wait_for_evaluators as wait_for_evaluators_to_fini
 from tml_checkpointing.errors import CheckpointShapeMismatchError, PreemptedError
 from tml_checkpointing.lifecycle.preemption import PreemptionGuard
 from tml_checkpointing.storage.locking import WriterLock
-from training.config import TrainConfig, TrainOptions
+from training.config import RestartOf, TrainConfig, TrainOptions
 from training.determinism import set_deterministic
 from training.loop import EpochResult
 from training.session import close_session, get_session
@@ -65,13 +66,23 @@ class TrainResult(BaseModel):
     epochs: list[EpochResult]
 
 
-@flow(name="train", flow_run_name=flow_run_namer("train", "config.save_dir", "config.epochs"))
-def train(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -> TrainResult:
+@flow(
+    name="train",
+    flow_run_name=flow_run_namer(
+        "train", "config.save_dir", "config.epochs", restart_parameter="restart_of"
+    ),
+)
+def train(
+    config: TrainConfig,
+    options: TrainOptions = DEFAULT_OPTIONS,
+    restart_of: RestartOf | None = None,
+) -> TrainResult:
     """Train ``config.epochs`` epochs into ``config.save_dir``, resuming from its newest checkpoint.
 
     Each parameter is described in training/config.py (and docs/training.md#parameters).
-    On SIGTERM/SIGINT/SIGUSR1 the step in progress is checkpointed and the process exits with
-    128 + signum (the flow run ends Crashed). A resume that changes the run's identity is
+    On SIGTERM/SIGINT/SIGUSR1 the step in progress is checkpointed and the run ends Crashed,
+    named Preempted, saying where its checkpoint is (``tml train`` exits with 128 + signum;
+    a cancelled run ends Cancelled). A resume that changes the run's identity is
     refused unless ``options.allow_changed_config``. With several machines, the same flow runs
     on each with its ``node_rank``; node 0 holds the writer lock, records ``run.json``,
     commits, applies retention and publishes the artifacts.
@@ -81,7 +92,16 @@ def train(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -> Train
             how its checkpoints are written and kept.
         options: How this flow run operates (retries, evaluator wait, a changed config
             allowed) and where its machine sits in a multi-machine job.
+        restart_of: Set by the resume automation (automations.yaml) only: the crashed or
+            preempted run this one resumes, and the restart's number in the lineage.
+
+    A returned ``State`` (preempted, or not restarted past ``options.max_restarts``) becomes
+    the run's final state; a caller of the flow then gets its exception raised, never the
+    state, so the declared return type holds for callers (hence the casts).
     """
+    stop = begin_restart(restart_of, options)
+    if stop is not None:
+        return cast(TrainResult, stop)
     options.check(config)
     tag_run_with_experiment(config.save_dir)
     owner = f"train flow run {flow_run.get_name()} ({flow_run.get_id()})"
@@ -95,6 +115,8 @@ def train(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -> Train
             result = run_training(config, options)
             if config.wait_for_evaluators:
                 _wait_for_evaluators(result, config, options.evaluator_timeout)
+    except PreemptedError as preempted:
+        return cast(TrainResult, preempted_state(preempted, config.save_dir))
     finally:
         close_session(config)  # a refused one-process start built its model to compare shapes
     _publish(result)
@@ -142,7 +164,10 @@ def run_training(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -
     report = ThrottledReport(config.save_dir, config.storage_options)
     publishes = options.node_rank == 0  # node 0 owns save_dir and its artifacts
     try:
-        with preemption_guard() as guard, announcer:
+        with (
+            preemption_guard(lambda: results[-1].last_step if results else None) as guard,
+            announcer,
+        ):
             session.preemption = guard
             for epoch in range(config.epochs):
                 # A skipped epoch returns a "Skipped" state; .result() gives its data either way.
@@ -159,10 +184,10 @@ def run_training(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -
                 _catch_up(announcer)
                 report.flush()
     except PreemptedError as preempted:
+        # Not a failure: no in-process retry starts on a machine that is going away; the
+        # flow ends Preempted (flows.restarts) and the next run resumes from this checkpoint.
         logger.warning("%s", preempted)
-        # Exiting (not failing) marks the flow run Crashed, and no in-process retry starts on
-        # a machine that is going away; the next run resumes from the final checkpoint.
-        raise SystemExit(preempted.exit_code) from preempted
+        raise
     except CheckpointShapeMismatchError:
         # With ranks, the shape check is theirs, after run.json was recorded: a start they
         # refused before anything trained leaves run.json as a refusal here would have.
@@ -277,12 +302,12 @@ def _publish(result: TrainResult) -> None:
 
 
 @contextlib.contextmanager
-def preemption_guard() -> Iterator[PreemptionGuard | None]:
+def preemption_guard(last_step: Callable[[], int | None]) -> Iterator[PreemptionGuard | None]:
     """Catch SIGTERM/SIGINT/SIGUSR1 while training, where Python can (the main thread only).
 
     The training loop acts on a signal at the next step (checkpoint, ``PreemptedError``). A
     signal that came when no step was left (during the last save) is honoured here: every
-    epoch is committed, and the process still exits with 128 + signum, as asked.
+    epoch is committed (``last_step``), and the run still stops as preempted, as asked.
     """
     if threading.current_thread() is not threading.main_thread():
         get_run_logger().warning("Not in the main thread: preemption signals are not caught.")
@@ -297,9 +322,10 @@ def preemption_guard() -> Iterator[PreemptionGuard | None]:
             exiting(preempted.exit_code)
             raise
     if guard.requested:
-        get_run_logger().warning(
-            "%s received after the last step: all epochs are committed; exiting with %s.",
-            guard.signal_name,
-            guard.exit_code,
+        exiting(guard.exit_code)
+        raise PreemptedError(
+            f"{guard.signal_name} received after the last step: all epochs are committed",
+            step=last_step(),
+            signal_name=guard.signal_name or "a stop signal",
+            exit_code=guard.exit_code,
         )
-        raise SystemExit(guard.exit_code)

@@ -29,10 +29,16 @@ def artifact_key(*parts: str) -> str:
 
 
 def flow_run_namer(
-    flow: str, directory_parameter: str, *details: str, checkpoint_parameter: str | None = None
+    flow: str,
+    directory_parameter: str,
+    *details: str,
+    checkpoint_parameter: str | None = None,
+    restart_parameter: str | None = None,
 ) -> Callable[[], str]:
     """A ``flow_run_name`` callable: ``train · exp1 · epochs=3`` from the run's parameters;
-    ``· step 20`` when ``checkpoint_parameter`` names a checkpoint (an event-started run).
+    ``· step 20`` when ``checkpoint_parameter`` names a checkpoint (an event-started run);
+    ``· restart 2`` when ``restart_parameter`` holds a restart (a run the resume automation
+    started, :class:`training.config.RestartOf`).
 
     A parameter is named by its path: ``save_dir``, or ``config.save_dir`` for a field of a
     model parameter (shown by its last part: ``epochs=3``).
@@ -49,6 +55,11 @@ def flow_run_namer(
         checkpoint = parameter_value(parameters, checkpoint_parameter or "")
         if checkpoint:
             shown.append(f"step {str(checkpoint).rstrip('/').rsplit('/', 1)[-1]}")
+        restart = parameter_value(
+            parameters, f"{restart_parameter}.number" if restart_parameter else ""
+        )
+        if restart is not None:
+            shown.append(f"restart {restart}")
         return " · ".join([flow, experiment(str(directory or "?")), *shown])
 
     return name

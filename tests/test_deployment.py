@@ -14,22 +14,13 @@ in its own process group, killed in ``finally`` whatever happens.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
 from uuid import UUID
 
-import psutil
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -45,67 +36,21 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 
+from flows.automations import load as load_automations
 from tml_checkpointing import get_checkpoint, get_checkpoints, is_done_eval, step_from_checkpoint
 
 from .conftest import PrefectServer
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-POOL = "tml-process"  # the work pool named in prefect.yaml
-T = TypeVar("T")
-
-
-def cli_env(server: PrefectServer) -> dict[str, str]:
-    """The session server's API, and this checkout's code first on the path."""
-    path = os.environ.get("PYTHONPATH")
-    return {
-        **server.env(),
-        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-
-
-def prefect(
-    args: Sequence[str], env: dict[str, str], *, cwd: Path = REPO_ROOT, timeout: float = 90
-) -> str:
-    """Run ``prefect ARGS`` like a user would; return its output, fail on a non-zero exit."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its children (a worker's flow run) share the group
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(process)
-        output, _ = process.communicate()
-        pytest.fail(f"`prefect {' '.join(args)}` still running after {timeout}s:\n{output}")
-    finally:
-        kill_group(process)
-    assert process.returncode == 0, f"`prefect {' '.join(args)}` failed:\n{output}"
-    return output
-
-
-def kill_group(process: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):  # nothing of the group may survive
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-
-
-def poll(read: Callable[[], T], done: Callable[[T], bool], what: str, limit_s: float = 30) -> T:
-    """Read through the API until ``done`` (no event to await across processes)."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = read()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached after {limit_s}s, last {value!r}")
-        time.sleep(0.2)
+from .helpers.deployed import (
+    POOL,
+    REPO_ROOT,
+    cli_env,
+    deploy_all,
+    kill_tree,
+    poll,
+    remove_project_automations,
+    run_deployment,
+    start_worker,
+)
 
 
 @pytest.mark.timeout(420)
@@ -113,59 +58,41 @@ def test_deploy_run_with_worker_events_and_nightly_schedule(
     prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     env = cli_env(prefect_api)
-    prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
-    prefect(["--no-prompt", "deploy", "--all"], env)
+    deploy_all(env)
 
     save_dir = tmp_path / "run"
-    output = prefect(
-        [
-            "deployment",
-            "run",
-            "train/train",
-            "--param",  # the flow's `config` model, as JSON (replaces the deployment's)
-            "config="
-            + json.dumps(
-                {"save_dir": str(save_dir), "epochs": 2, "steps_per_epoch": 2, "batch_size": 32}
-            ),
-        ],
+    flow_run_id = run_deployment(
         env,
+        "train/train",
+        "--param",  # the flow's `config` model, as JSON (replaces the deployment's)
+        "config="
+        + json.dumps(
+            {"save_dir": str(save_dir), "epochs": 2, "steps_per_epoch": 2, "batch_size": 32}
+        ),
     )
-    match = re.search(r"UUID: ([0-9a-f-]{36})", output)
-    assert match, output
-    flow_run_id = UUID(match.group(1))
 
     # A worker started elsewhere: only the deployment's pull step leads it to the code. It
     # serves the train run and the evaluate runs the checkpoint events start.
-    elsewhere = tmp_path / "worker-cwd"
-    elsewhere.mkdir()
     worker_log = tmp_path / "worker.log"
-    with worker_log.open("w") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
-            cwd=elsewhere,
-            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+    worker = start_worker(env, tmp_path / "worker-cwd", worker_log)
     try:
+        check_project_automations()
         check_deployed_runs(flow_run_id, save_dir, worker_log)
     finally:
         kill_tree(worker)
         # Later tests' checkpoints must not start evaluate runs that no worker serves.
-        with get_client(sync_client=True) as client:
-            evaluate = client.read_deployment_by_name("evaluate/evaluate")
-            client.delete_resource_owned_automations(f"prefect.deployment.{evaluate.id}")
+        remove_project_automations()
 
 
-def kill_tree(process: subprocess.Popen[str]) -> None:
-    """The worker, and the flow-run processes it started (each in a session of its own)."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in psutil.Process(process.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-    kill_group(process)
+def check_project_automations() -> None:
+    """Deploying applied automations.yaml once per name (the build step ran for each of the
+    four deployments, updating in place), with the names and descriptions of the file."""
+    with get_client(sync_client=True) as client:
+        for expected in load_automations():
+            found = client.read_automations_by_name(expected.name)
+            assert len(found) == 1, (expected.name, found)
+            assert found[0].description == expected.description
+            assert found[0].enabled
 
 
 def check_deployed_runs(flow_run_id: UUID, save_dir: Path, worker_log: Path) -> None:
