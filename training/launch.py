@@ -11,9 +11,13 @@ machines: each runs the same flow with its ``node_rank``; all meet at ``rdzv_end
 launches every epoch, even one that is already committed: the ranks decide together (rank 0
 looks, all follow) and finish at once, so no node waits at a rendezvous the others skipped.
 
-The ``torchrun`` process dies with its launcher (``PR_SET_PDEATHSIG`` = SIGTERM, which it
-passes on to the ranks), and a preemption signal the launcher receives is forwarded the same
-way: the ranks checkpoint the step in progress together and exit 128 + signum.
+No process outlives the launcher, however it dies (SIGKILL of its process group included):
+``torchrun`` gets SIGKILL when the launcher dies, each rank when ``torchrun`` dies, each rank's
+writer process when its rank dies (:mod:`tml_checkpointing.writing.parent_death`), and nothing
+is committed after that. SIGKILL, not SIGTERM: a rank answers SIGTERM by saving the step in
+progress, for a launcher that is no longer there. A preemption signal the launcher receives
+(and survives) is forwarded as SIGTERM: the ranks checkpoint the step in progress together and
+exit 128 + signum.
 
 A failure a retry cannot fix -- the checkpoint to restore does not fit the model, which the
 ranks find before they restore (each checks its own part; the flow process never builds the
@@ -43,11 +47,12 @@ from tml_checkpointing.errors import (
     PreemptedError,
 )
 from tml_checkpointing.lifecycle.preemption import PreemptionGuard
+from tml_checkpointing.writing.parent_death import parent_death_preexec
 
 from .config import NodeLayout, TrainConfig
 from .loop import EpochResult
+from .rank_epoch import LAUNCHER_PID
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_SECONDS = 0.2
 
 
@@ -187,7 +192,8 @@ def _run_forwarding(
         text=True,
         errors="replace",
         env=_rank_environment(),
-        preexec_fn=_terminate_with_parent,  # prctl has no spawn-safe form
+        # SIGKILL when this thread ends: it waits for torchrun below, so only with the process.
+        preexec_fn=parent_death_preexec(),  # prctl has no spawn-safe form
     )
     assert job.stdout is not None
     stdout = job.stdout
@@ -215,7 +221,8 @@ def _run_forwarding(
 
 
 def _rank_environment() -> dict[str, str]:
-    """The ranks import this project's packages however the launcher did."""
+    """The ranks import this project's packages however the launcher did, and know it (the
+    pid their ``torchrun``'s parent must have, see ``training.rank_epoch``)."""
     root = str(Path(__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH", "")
     return {
@@ -223,12 +230,5 @@ def _rank_environment() -> dict[str, str]:
         "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         "PYTHONUNBUFFERED": "1",
+        LAUNCHER_PID: str(os.getpid()),
     }
-
-
-def _terminate_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the launching process dies, however."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)

@@ -15,6 +15,11 @@ stops the rest of the job as soon as one local rank exits non-zero. Every line a
 carries ``[rank R]``, so the launcher can forward all ranks' output into one log.
 The local rank 0 of each node writes the epoch's result (rank 0's loss and timing on node 0).
 
+A rank dies with its ``torchrun``: SIGKILL (``PR_SET_PDEATHSIG``, armed first thing in
+:func:`main`; see :mod:`tml_checkpointing.writing.parent_death`). ``torchrun`` stops its ranks
+itself when it can, but it starts each in a session of its own: a SIGKILL of the launcher's
+process group killed ``torchrun`` and missed the ranks, which then trained on for nobody.
+
 Before a rank restores a checkpoint it checks that the checkpoint fits its part of the model
 (the flow process, which never builds the model, cannot). A checkpoint that does not fit
 stops every rank with ``CheckpointShapeMismatchError`` before anything is restored; the local
@@ -34,20 +39,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
-import torch
-import torch.distributed as dist
-
-from tml_checkpointing.errors import CheckpointShapeMismatchError, PreemptedError
-from tml_checkpointing.lifecycle.preemption import PreemptionGuard
-
-from .config import TrainConfig
-from .determinism import set_deterministic
-from .launch import RankRefusal
-from .loop import train_epoch
-from .session import TrainingSession
+# Only what arming the death signal needs is imported with the module: torch, the recipe and
+# the library are imported by main() afterwards (seconds, tens of seconds on a loaded machine,
+# which a rank whose torchrun died must not spend first).
+from tml_checkpointing.writing.parent_death import die_with_parent
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
 EXIT_REFUSED = 2  # the checkpoint does not fit: as `tml train` exits for it
+LAUNCHER_PID = "TML_LAUNCHER_PID"
+"""Environment variable, set by the launcher (``training.launch``): its pid, which this rank's
+parent (``torchrun``) must have as parent. A rank whose ``torchrun`` died before the death
+signal was armed has another parent by then, and ends at once."""
 
 logger = logging.getLogger("training.rank_epoch")
 
@@ -91,6 +93,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--refusal", type=Path, default=None, help="written by local rank 0 on a refusal"
     )
     args = parser.parse_args(argv)
+    launcher = os.environ.get(LAUNCHER_PID)  # absent: torchrun run by hand, nothing to check
+    die_with_parent(grandparent=int(launcher) if launcher else None)  # torchrun's death: ours
+    import torch
+    import torch.distributed as dist
+
+    from tml_checkpointing.errors import CheckpointShapeMismatchError, PreemptedError
+    from tml_checkpointing.lifecycle.preemption import PreemptionGuard
+
+    from .config import TrainConfig
+    from .determinism import set_deterministic
+    from .launch import RankRefusal
+    from .loop import train_epoch
+    from .session import TrainingSession
+
     rank = int(os.environ["RANK"])
     sys.stdout = _PrefixedLines(sys.stdout, f"[rank {rank}] ")
     sys.stderr = _PrefixedLines(sys.stderr, f"[rank {rank}] ")

@@ -12,6 +12,7 @@
 - ``rank_commit``: several ranks, one checkpoint (reports to rank 0 through the store).
 - ``writer_process``: the training side of the writer process (start, hand over, events).
 - ``writer_main``: the writer process itself (``python -m tml_checkpointing.writing.writer_main``).
+- ``parent_death``: child processes (the writer, ``torchrun``, ranks) that end with their parent.
 - ``writer_thread``: a staged save written in-process (``memory://``).
 - ``staged_write``: the writing steps of one staged save, for both writers.
 - ``torchsnapshot_writer``: torchsnapshot's own writer thread, for the rest.

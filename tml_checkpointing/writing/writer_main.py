@@ -31,13 +31,16 @@ loaded machine); without them it is ready well before the first save, as it is s
 ``Snapshot`` is made. Nothing imported from here may import torch (a test asks a running
 writer what it has imported).
 
-The process ends when its parent does: the pipes close, so the next read (a command, or the
-answer to an event) or write fails and it exits. A checkpoint it was writing then stays
-uncommitted (no marker), as after any crash, unless it was already past its last event.
+The process ends when its parent (``--parent-pid``) does, however it dies: within a tenth of
+a second, whatever this process is doing
+(:func:`~tml_checkpointing.writing.parent_death.watch_parent`), and at the latest when the
+closed pipes fail its next read or write. A checkpoint it was writing then stays uncommitted
+(no marker), as after any crash, unless the parent had already answered its last event.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -48,6 +51,7 @@ from typing import Any, TextIO
 
 from .. import events
 from ..storage.checkpoint_files import CheckpointFiles
+from .parent_death import watch_parent
 from .staged_write import write_staged
 
 WRITER_NICENESS = 5
@@ -175,6 +179,11 @@ def _errno(error: BaseException | None) -> int | None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tml_checkpointing.writing.writer_main")
+    parser.add_argument("--parent-pid", type=int, help="end when this process is gone")
+    parent = parser.parse_args().parent_pid
+    if parent is not None:  # first: a parent gone already, or while we work, ends us at once
+        watch_parent(parent)
     # SIGINT/SIGTERM are ignored from the start (set by the parent before exec, see
     # writer_process._ignore_stop_signals); again here for a writer started by hand.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -16,10 +16,11 @@ and runs the commit protocol, with the same events, lock check and marker as a s
 
 If the writer process dies, the save fails with :class:`CheckpointWriteError` (nothing was
 committed: the marker comes last) and the next save starts a new writer. If the training
-process dies, the writer's pipes close: it stops at its next event or when the save in hand is
-done (that checkpoint is complete: it was staged whole before ``save()`` returned). No
+process dies, however it dies, the writer ends within a tenth of a second
+(:func:`~tml_checkpointing.writing.parent_death.watch_parent`, given this process's pid as
+``--parent-pid``), whatever it was doing; a save it had not committed stays uncommitted. No
 ``PR_SET_PDEATHSIG`` here: Linux ties it to the *thread* that started the child, and the
-thread that saves (a Prefect task's, say) may end long before the run does.
+thread that starts the writer (a relay thread, a Prefect task's) may end long before the run.
 """
 
 from __future__ import annotations
@@ -255,8 +256,10 @@ class WriterProcess:
             if self._process is not None:
                 _close_pipes(self._process)  # a writer that died: its pipes go with it
             self._given_work = False
+            module = "tml_checkpointing.writing.writer_main"
+            parent = ["--parent-pid", str(os.getpid())]  # it ends with this process, not thread
             self._process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "tml_checkpointing.writing.writer_main"],
+                [sys.executable, "-P", "-m", module, *parent],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
