@@ -147,6 +147,16 @@ class NotASaveDirError(CheckpointError, ValueError):
     """
 
 
+class MaterializeDestinationError(CheckpointError, ValueError):
+    """``materialize`` was given a destination inside a ``save_dir`` (or a save_dir itself).
+
+    A materialized copy holds the state of another step under a name readers take for a
+    step of that run: resuming would start from it (its saved step, not its name) and skip
+    work, or report a checkpoint that does not exist. Materialize to a path outside every
+    save_dir.
+    """
+
+
 class PreemptedError(CheckpointError):
     """Training stopped on a preemption signal after writing a final checkpoint.
 

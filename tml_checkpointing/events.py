@@ -67,8 +67,10 @@ DELETE_DONE = "delete.done"
 
 # -- moving aside and cleaning up ------------------------------------------------------------
 QUARANTINED = "quarantine.moved"
-"""A committed checkpoint was moved aside (``quarantine_checkpoint``). Fields: ``path`` (the
-old location), ``target`` (where it is now), ``reason``."""
+"""A committed checkpoint was moved aside (``quarantine_checkpoint``), or a step directory
+whose commit marker is empty (``reason`` ``torn-marker``: by ``clean_incomplete``, or by a new
+save of that step). Fields: ``path`` (the old location), ``target`` (where it is now),
+``reason``."""
 INCOMPLETE_REMOVED = "cleanup.removed"
 """``clean_incomplete`` removed an uncommitted step directory. Fields: ``path``."""
 

@@ -26,6 +26,7 @@ from rich.progress import (
 )
 
 from ..catalog.discovery import is_committed, scan_checkpoints
+from ..catalog.save_dir import uncommitted_checkpoint
 from ..errors import (
     BadInputError,
     CheckpointError,
@@ -135,6 +136,9 @@ def require_directory(path: str) -> None:
 def require_checkpoint(path: str) -> None:
     require_directory(path)
     if not is_committed(path):
+        why = uncommitted_checkpoint(path)
+        if why:
+            raise BadInputError(f"{path} is not a committed checkpoint: {why}")
         entries = "" if not has_steps(path) else " (it holds <step> checkpoints: a save_dir?)"
         raise BadInputError(
             f"{path} is not a committed checkpoint (no non-empty {COMMIT_MARKER}){entries}"

@@ -1,4 +1,9 @@
-"""``tml checkpoints list``: step, size, age, state and evaluators of each checkpoint."""
+"""``tml checkpoints list``: step, size, age, state and evaluators of each checkpoint.
+
+``--json`` lists the same entries as the table: each step, then each entry the table reports
+as ignored (``007``: not a canonical step name) with ``"state": "ignored"``, ``"step": null``
+and the reason in ``problems``.
+"""
 
 from __future__ import annotations
 
@@ -70,6 +75,9 @@ def checkpoints_list(args: argparse.Namespace) -> int:
         rows.append(row)
 
     ignored = non_canonical_entries(args.save_dir)
+    # --json holds what the table shows: an ignored entry is a row too (no step: its name is
+    # not one), after the steps, saying why it is ignored.
+    listed = rows + [_ignored_row(path) for path in ignored]
 
     def render() -> None:
         table = Table(title=f"checkpoints in {args.save_dir}")
@@ -94,13 +102,30 @@ def checkpoints_list(args: argparse.Namespace) -> int:
             for problem in row["problems"]:
                 err_console().print(f"[red]{escape(row['path'])}[/]: {escape(problem)}")
         for path in ignored:
-            err_console().print(
-                f"[yellow]ignored[/] {escape(path)}: not a canonical step name (write "
-                f"{escape(str(int(path.rstrip('/').rsplit('/', 1)[-1])))}, not a zero-padded one)"
-            )
+            err_console().print(f"[yellow]ignored[/] {escape(path)}: {escape(_why_ignored(path))}")
 
-    emit(args, rows, render)
+    emit(args, listed, render)
     return EXIT_OK
+
+
+def _why_ignored(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return f"not a canonical step name (write {int(name)}, not a zero-padded one)"
+
+
+def _ignored_row(path: str) -> dict[str, Any]:
+    """The ``--json`` row of an entry the table reports as ignored (``007``)."""
+    return {
+        "step": None,
+        "path": path,
+        "committed": False,
+        "state": "ignored",
+        "size": None,
+        "age_s": None,
+        "problems": [_why_ignored(path)],
+        "evaluated_by": [],
+        "chain": None,
+    }
 
 
 SIZE_COLUMNS = ("step", "size", "logical")

@@ -1,7 +1,9 @@
 """The commands that change a save_dir: ``prune``, ``materialize``, ``clean-incomplete``.
 
-Each refuses bad input before it touches anything (exit 2), and deletes only through the
-library's own protocols (retention, cleanup), never by listing and removing files itself.
+Each refuses bad input before it touches anything (exit 2: ``materialize`` into a save_dir
+too), and deletes only through the library's own protocols (retention, cleanup), never by
+listing and removing files itself; ``clean-incomplete`` moves a step with an empty (torn)
+commit marker aside instead of removing it.
 """
 
 from __future__ import annotations
@@ -118,31 +120,39 @@ def checkpoints_clean_incomplete(args: argparse.Namespace) -> int:
     require_directory(args.save_dir)
     found = find_incomplete(args.save_dir, args.older_than)
     if args.dry_run:
-        removed: list[IncompleteCheckpoint] = []
+        handled: list[IncompleteCheckpoint] = []
     else:
-        removed = clean_incomplete(args.save_dir, args.older_than)
-    listed = found if args.dry_run else removed
+        handled = clean_incomplete(args.save_dir, args.older_than)
+    listed = found if args.dry_run else handled
     payload = {
         "save_dir": args.save_dir,
         "older_than_s": args.older_than,
         "dry_run": args.dry_run,
         "incomplete": [
-            {"step": e.step, "path": e.path, "age_s": e.age_s, "size": e.size} for e in found
+            {"step": e.step, "path": e.path, "age_s": e.age_s, "size": e.size, "torn": e.torn}
+            for e in found
         ],
-        "removed": [e.path for e in removed],
+        "removed": [e.path for e in handled if not e.moved_to],
+        # A step whose commit marker is empty is moved aside, never removed (data kept).
+        "moved_aside": [{"path": e.path, "to": e.moved_to} for e in handled if e.moved_to],
     }
 
     def render() -> None:
-        verb = "would remove" if args.dry_run else "removed"
         if not listed:
             Console().print(
                 f"no incomplete checkpoint older than {format_age(args.older_than)} in "
                 f"{args.save_dir}"
             )
         for entry in listed:
-            Console().print(
-                f"{verb} {entry.path}  (age {format_age(entry.age_s)}, {format_bytes(entry.size)})"
-            )
+            what = f"(age {format_age(entry.age_s)}, {format_bytes(entry.size)})"
+            if entry.torn:
+                verb = "would move aside" if args.dry_run else "moved aside"
+                where = f" to {escape(entry.moved_to)}" if entry.moved_to else ""
+                what += ": its commit marker is empty (torn); its data is kept"
+                Console().print(f"{verb} {escape(entry.path)}{where}  {what}")
+            else:
+                verb = "would remove" if args.dry_run else "removed"
+                Console().print(f"{verb} {escape(entry.path)}  {what}")
 
     emit(args, payload, render)
     return EXIT_OK

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..catalog.discovery import is_committed, scan_checkpoints
+from ..catalog.save_dir import uncommitted_checkpoint
 from ..errors import BadInputError
 from ..reading.verify import VerifyReport, verify_checkpoint
 from ..storage.filesystem import basename
@@ -28,6 +29,8 @@ def checkpoints_verify(args: argparse.Namespace) -> int:
     level = "size" if args.quick else "full"
     if is_committed(target):
         targets, incomplete = [target], []
+    elif why := uncommitted_checkpoint(target):  # a step directory: never read as a save_dir
+        raise BadInputError(f"{target} is not a committed checkpoint: {why}")
     else:
         entries = scan_checkpoints(target)
         if not entries:

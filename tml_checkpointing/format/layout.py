@@ -20,7 +20,9 @@ makes a checkpoint committed, lose data silently. Everything that names a file i
         evaled_by/<partition>_DONE evaluator done-markers (added after commit)
         eval/<partition>.json      per-partition metrics (added after commit)
         metrics.json               metrics ranked by retention (added after commit)
-      <step>.<reason>-<UTC time>/  a checkpoint moved aside (not a step name: ignored)
+      .writing.<step>.<hex>.tmp    a save claim being written (renamed into <step>/.writing)
+      <step>.<reason>-<UTC time>/  a checkpoint moved aside (not a step name: ignored); a
+                                   step whose marker is empty goes to <step>.torn-marker-<time>
 
 Step names are canonical: ``7``, never ``007``. A directory named ``007`` is not a checkpoint
 for any reader (and so can never shadow or be confused with ``7``); ``tml checkpoints list``
@@ -149,6 +151,24 @@ def marker_commits(size: int | None) -> bool:
     return bool(size) and int(size or 0) > 0
 
 
+def marker_torn(size: int | None) -> bool:
+    """A marker that is there but empty (``size`` 0; ``None``: no marker): a commit torn by a
+    crash mid-write (plain torchsnapshot writes it in place) over data that may be whole.
+    Not committed, yet never deleted: it is moved aside (``<step>.torn-marker-<time>``)."""
+    return size is not None and int(size) == 0
+
+
+#: The reason in the name of a step directory moved aside for its torn marker.
+TORN_MARKER_REASON = "torn-marker"
+
+
+def claim_temporary_name(step: str, token: str) -> str:
+    """``.writing.<step>.<token>.tmp``, in the *save_dir*: a claim's bytes before they are
+    renamed into ``<step>/.writing``. Outside the step directory, so that the directory is
+    empty (no age, never a cleanup candidate) until the claim is in it, whole."""
+    return f"{SAVE_CLAIM}.{step}.{token}.tmp"
+
+
 # -- a listing grouped by step ---------------------------------------------------------------
 
 
@@ -159,6 +179,7 @@ class StepListing:
     name: str
     step: int
     committed: bool = False
+    torn: bool = False  # its marker is there but empty (see marker_torn)
     claimed: bool = False  # a save claim (.writing) is present
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative -> fsspec info
 
@@ -190,6 +211,7 @@ def group_by_step(root: str, listing: Mapping[str, Mapping[str, Any]]) -> dict[s
         group.files[relative] = dict(info)
         if relative == COMMIT_MARKER:
             group.committed = marker_commits(info.get("size"))
+            group.torn = marker_torn(info.get("size"))
         elif relative == SAVE_CLAIM:
             group.claimed = True
     return groups

@@ -17,6 +17,7 @@ read whole, and by ``verify_checkpoint(level="full")``.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,13 +25,24 @@ from typing import Any
 
 import xxhash
 
-from .layout import is_data_file
+from .layout import INTEGRITY_SIDECAR, is_data_file
 
 ALGORITHM = "xxh3_64"
 VERSION = 2
 BLOCK_SIZE = 1024 * 1024
+#: The versions :func:`parse_sidecar` reads (1: one checksum per file; 2: per block).
+KNOWN_VERSIONS = (1, 2)
+#: The largest block size a sidecar may name: readers allocate a buffer of at least one block,
+#: so an absurd one (a garbled ``2**62``) must be refused, not allocated. 64x what is written.
+MAX_BLOCK_SIZE = 64 * BLOCK_SIZE
+_DIGEST = re.compile(r"[0-9a-f]{16}")  # xxh3_64, as xxhash spells it: 16 lowercase hex digits
 
 Buffer = bytes | bytearray | memoryview
+
+#: Why a data file the manifest names but the sidecar has no record of is corrupt: a sidecar
+#: that covers less than the checkpoint would vouch for bytes it never saw (one emptied to
+#: ``"files": {}`` would pass a flipped byte anywhere).
+UNCOVERED = f"not covered by the integrity sidecar {INTEGRITY_SIDECAR} (nothing vouches for it)"
 
 
 def checksum(data: Buffer) -> str:
@@ -77,11 +89,12 @@ class Sidecar:
         """Why ``data`` read from ``relative`` at byte ``start`` is wrong, or ``None``.
 
         ``data`` must be block-aligned (as :meth:`FileRecord.blocks_for` gives) unless it is
-        the whole file. Ranges that a v1 sidecar cannot check pass (sizes were checked).
+        the whole file. Ranges that a v1 sidecar cannot check pass (sizes were checked); a
+        file the sidecar does not cover never passes (:data:`UNCOVERED`).
         """
         record = self.files.get(relative)
         if record is None:
-            return None
+            return UNCOVERED
         view = memoryview(data).cast("B")
         if record.blocks:
             if start % self.block_size:
@@ -107,28 +120,59 @@ class Sidecar:
 
 
 def parse_sidecar(raw: bytes) -> Sidecar:
-    """Parse sidecar bytes; :class:`SidecarFormatError` says what is wrong with them."""
+    """Parse sidecar bytes; :class:`SidecarFormatError` names the field that is wrong.
+
+    Every field is checked before anything relies on it: a sidecar is read from storage, so a
+    garbled one (a bad version, a block size of 0 or 2**62, a digest that is not one, a block
+    count that does not fit the size) must make the checkpoint corrupt, never raise a raw
+    ``ValueError`` or size an allocation.
+    """
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise SidecarFormatError(f"not JSON ({error})") from error
-    if not isinstance(body, dict) or body.get("algorithm") != ALGORITHM:
-        algorithm = body.get("algorithm") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        raise SidecarFormatError(f"a JSON {type(body).__name__}, not an object")
+    version = _version(body)
+    if body.get("algorithm") != ALGORITHM:
+        algorithm = body.get("algorithm")
         raise SidecarFormatError(f"unknown algorithm {algorithm!r} (expected {ALGORITHM})")
     table = body.get("files")
     if not isinstance(table, dict):
-        raise SidecarFormatError("no file table")
-    block_size = body.get("block_size", BLOCK_SIZE)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise SidecarFormatError(f"block_size {block_size!r} is not a positive integer")
+        raise SidecarFormatError("no file table (files is not an object)")
+    block_size = _block_size(body, version)
     files: dict[str, FileRecord] = {}
     for name, entry in table.items():
-        files[str(name)] = _parse_record(str(name), entry)
-    version = body.get("version", 1)
-    return Sidecar(files=files, block_size=block_size, version=int(version))
+        files[str(name)] = _parse_record(str(name), entry, version, block_size)
+    return Sidecar(files=files, block_size=block_size, version=version)
 
 
-def _parse_record(name: str, entry: Any) -> FileRecord:
+def _version(body: dict[str, Any]) -> int:
+    version = body.get("version")
+    if isinstance(version, bool) or version not in KNOWN_VERSIONS:
+        known = " or ".join(str(v) for v in KNOWN_VERSIONS)
+        raise SidecarFormatError(f"version {version!r} is not one this library reads ({known})")
+    return int(version)
+
+
+def _block_size(body: dict[str, Any], version: int) -> int:
+    """The block size, within ``1..MAX_BLOCK_SIZE`` (v1 has none: its files are whole)."""
+    if version == 1 and "block_size" not in body:
+        return BLOCK_SIZE
+    block_size = body.get("block_size")
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, int)
+        or not 0 < block_size <= MAX_BLOCK_SIZE
+    ):
+        raise SidecarFormatError(
+            f"block_size {block_size!r} is not a block size (an integer from 1 to "
+            f"{MAX_BLOCK_SIZE}; this library writes {BLOCK_SIZE})"
+        )
+    return block_size
+
+
+def _parse_record(name: str, entry: Any, version: int, block_size: int) -> FileRecord:
     if not isinstance(entry, dict):
         raise SidecarFormatError(f"entry of {name} is not an object")
     size = entry.get("size")
@@ -136,13 +180,25 @@ def _parse_record(name: str, entry: Any) -> FileRecord:
         raise SidecarFormatError(f"size of {name} is {size!r}, not a byte count")
     blocks = entry.get("blocks", [])
     whole = entry.get(ALGORITHM, "")
-    if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
-        raise SidecarFormatError(f"blocks of {name} are not a list of checksums")
-    if not isinstance(whole, str):
+    if not isinstance(blocks, list) or not all(_is_digest(b) for b in blocks):
+        raise SidecarFormatError(f"blocks of {name} are not a list of {ALGORITHM} checksums")
+    if not isinstance(whole, str) or (whole and not _is_digest(whole)):
         raise SidecarFormatError(f"{ALGORITHM} of {name} is not a checksum")
+    if version >= 2 and not blocks:
+        raise SidecarFormatError(f"blocks of {name} are missing (a version {version} sidecar)")
     if not blocks and not whole:
         raise SidecarFormatError(f"{name} has no checksum")
+    expected = max(1, -(-size // block_size))
+    if blocks and len(blocks) != expected:
+        raise SidecarFormatError(
+            f"blocks of {name}: {len(blocks)} checksums for {size} bytes in {block_size}-byte "
+            f"blocks ({expected} expected)"
+        )
     return FileRecord(size=size, blocks=tuple(blocks), whole=whole)
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 class SidecarRecorder:

@@ -1,7 +1,9 @@
 """Stale state: checkpoint directories that never got their commit marker.
 
 A writer killed mid-save leaves ``<save_dir>/<step>`` without ``.snapshot_metadata``. Readers
-ignore such directories, but they take space. They cannot be told apart from a checkpoint
+ignore such directories, but they take space. One whose marker is there but empty (a commit
+torn mid-write, over data that may be whole) is moved aside rather than removed
+(:mod:`tml_checkpointing.writing.torn_steps`). They cannot be told apart from a checkpoint
 another process is writing *right now*, so only ones whose newest file is older than a
 threshold are listed or removed, and only on request (CLI ``clean-incomplete``), never
 automatically. Age comes from the newest modification time of anything in the directory,
@@ -12,6 +14,7 @@ whatever its age.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -35,6 +38,7 @@ from ..storage.filesystem import (
     resolve,
 )
 from ..writing.claims import read_claim
+from ..writing.torn_steps import set_aside_torn
 from .deletion import delete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -50,6 +54,8 @@ class IncompleteCheckpoint:
     age_s: float | None
     size: int
     claimed_by: str = ""  # the live save that claims it ("" when none)
+    torn: bool = False  # its commit marker is there but empty: moved aside, never removed
+    moved_to: str = ""  # where clean_incomplete moved it ("" when removed, or not yet handled)
 
 
 def find_incomplete(
@@ -94,6 +100,7 @@ def scan_incomplete(
                 age_s=None if newest is None else max(0.0, now - newest),
                 size=sum(int(info.get("size") or 0) for info in group.files.values()),
                 claimed_by=_live_claimant(path, group, storage_options),
+                torn=group.torn,
             )
         )
     return found
@@ -121,7 +128,10 @@ def clean_incomplete(
     """Remove (or with ``dry_run`` only list) incomplete checkpoints older than the threshold.
 
     Each is re-checked just before removal: if it got committed or written to meanwhile
-    (a live writer), it is left alone.
+    (a live writer), it is left alone. One whose commit marker is there but empty (a commit
+    torn by a crash, over data that may be whole) is moved aside to
+    ``<step>.torn-marker-<UTC time>`` instead, never removed; its entry's ``moved_to`` says
+    where. Returns what was removed or moved aside.
     """
     candidates = find_incomplete(save_dir, older_than_s, storage_options=storage_options)
     if dry_run:
@@ -135,6 +145,11 @@ def clean_incomplete(
         ]
         if not again or is_committed(candidate.path, storage_options):
             logger.info("Leaving %s: it changed since it was listed.", candidate.path)
+            continue
+        if candidate.torn:
+            target = set_aside_torn(candidate.path, storage_options)
+            if target:
+                removed.append(dataclasses.replace(candidate, moved_to=target))
             continue
         fs, path = resolve(candidate.path, storage_options)
         with writing(f"(removing) {candidate.path}"):

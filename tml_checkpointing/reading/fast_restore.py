@@ -47,10 +47,12 @@ from torchsnapshot.manifest import (
 )
 from torchsnapshot.serialization import Serializer, dtype_to_string, string_to_dtype
 
+from ..errors import CorruptCheckpointError, corrupt_checkpoint
 from ..format.chain_link import DeltaPiece
 from ..format.sidecar import Sidecar
 from ..format.torchsnapshot_compat import manifest_of_rank, reshard_manifest, restrict_metadata
-from .chains import ChainedTensor
+from ..storage.filesystem import basename
+from .chains import ChainedTensor, sibling
 from .delta_rows import Region, apply_delta, covers, entry_dtype, entry_global_shape, regions_of
 from .file_reads import Read, RestoreStats, new_scratch, read_file
 from .shard_reads import ShardPiece, is_sharded, plan_shards
@@ -296,9 +298,23 @@ def _read(
     checkpoint: str,
     stats: RestoreStats,
 ) -> None:
+    """Read one file of ``directory``: ``checkpoint``'s own, or one of its chain's.
+
+    A file of an ancestor (a delta's base) that is found corrupt is named as that ancestor's
+    (``<save_dir>/10``'s file, not ``<save_dir>/11/<file>``, which does not exist): it is the
+    ancestor that is corrupt, and the delta only through it.
+    """
     relative = location.lstrip("/")
     path = f"{directory}/{relative}"
-    read_file(fs, path, relative, reads, sidecars.get(directory), scratch, checkpoint, stats)
+    name = basename(directory)
+    owner = checkpoint if name == basename(checkpoint) else sibling(checkpoint, name)
+    try:
+        read_file(fs, path, relative, reads, sidecars.get(directory), scratch, owner, stats)
+    except CorruptCheckpointError as error:
+        if owner == checkpoint:
+            raise
+        problem = f"{error.problem} (read as part of the chain of {checkpoint})"
+        raise corrupt_checkpoint(owner, error.path, problem, kind="data") from error
 
 
 def read_chained_tensor(

@@ -19,7 +19,7 @@ import torch
 from fsspec import AbstractFileSystem
 
 from ..errors import corrupt_checkpoint
-from ..format.sidecar import Sidecar
+from ..format.sidecar import UNCOVERED, Sidecar
 from .shard_reads import ShardPiece
 
 #: Bytes read per system call: large sequential reads, one buffer reused for all of them.
@@ -68,9 +68,13 @@ def read_file(
     sidecar names it), chunk by chunk; verify each chunk, copy it out.
 
     Bytes found wrong raise :class:`~tml_checkpointing.errors.CorruptCheckpointError` naming
-    ``relative``; the reads before them have landed.
+    ``relative`` in ``checkpoint`` (the checkpoint that holds the file: a delta's base, when
+    the read is of its chain); the reads before them have landed. A file ``sidecar`` has no
+    record of is refused before any byte is read.
     """
     record = sidecar.files.get(relative) if sidecar is not None else None
+    if sidecar is not None and record is None:
+        _corrupt(checkpoint, relative, UNCOVERED)
     with fs.open(path, "rb") as handle:
         size = handle.seek(0, os.SEEK_END)
         if record is not None and size != record.size:

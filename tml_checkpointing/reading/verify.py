@@ -7,9 +7,10 @@ before the marker; :func:`verify_checkpoint` checks, cheapest first:
 
 * the marker parses as torchsnapshot metadata (a truncated or garbage marker is *corrupt*);
 * every file the torchsnapshot manifest names exists (and is long enough for its byte range);
-* with a sidecar: each recorded file's size, from one listing of the checkpoint (one ``find``,
-  not a request per file, on object stores); with ``level="full"`` every checksum too, streamed
-  so a 1 GB shard never sits in memory at once.
+* with a sidecar: every file the manifest names has a record in it (a sidecar that covers
+  nothing vouches for nothing); each recorded file's size, from one listing of the checkpoint
+  (one ``find``, not a request per file, on object stores); with ``level="full"`` every
+  checksum too, streamed so a 1 GB shard never sits in memory at once.
 
 Unreadable is not corrupt: a checkpoint is *corrupt* only when bytes were read and are wrong
 (size, checksum, unparsable content). A failure to read (permission denied, connection reset,
@@ -40,9 +41,9 @@ from ..errors import (
     InvalidArgumentError,
     corrupt_checkpoint,
 )
-from ..format.layout import COMMIT_MARKER, INTEGRITY_SIDECAR, marker_commits
+from ..format.layout import COMMIT_MARKER, INTEGRITY_SIDECAR, is_data_file, marker_commits
 from ..format.markers import manifest_locations
-from ..format.sidecar import ALGORITHM, Sidecar, SidecarFormatError
+from ..format.sidecar import ALGORITHM, UNCOVERED, Sidecar, SidecarFormatError
 from ..storage.faults import reading
 from ..storage.filesystem import StorageOptions, find_tree, invalidate_listing, mtime_of, resolve
 from .chains import ancestry
@@ -170,8 +171,10 @@ def verify_checkpoint(
         return _finish(report, started, raise_on_corrupt)
 
     metadata = _read_metadata(fs, root, checkpoint, report)
+    locations: list[str] = []
     if metadata is not None:
         for location, end in manifest_locations(metadata):
+            locations.append(location)
             if location not in listing:
                 report.problems.append(
                     FileProblem(location, "missing (named by the torchsnapshot manifest)")
@@ -194,6 +197,7 @@ def verify_checkpoint(
             report.status = "unverified"
         return _finish(report, started, raise_on_corrupt)
 
+    _check_covered(report, sidecar, locations)
     to_hash: list[str] = []
     for relative, record in sidecar.files.items():
         report.files_checked += 1
@@ -215,6 +219,17 @@ def verify_checkpoint(
         if problem:
             report.problems.append(FileProblem(relative, problem))
     return _finish(report, started, raise_on_corrupt)
+
+
+def _check_covered(report: VerifyReport, sidecar: Sidecar, locations: list[str]) -> None:
+    """Every data file the manifest names must have a sidecar record: one that has none
+    could hold any bytes at all (a sidecar emptied to ``"files": {}`` vouched for a flipped
+    byte), so it makes the checkpoint corrupt at every level, like a missing file."""
+    reported = {problem.path for problem in report.problems}
+    for location in locations:
+        relative = location.lstrip("/")
+        if is_data_file(relative) and relative not in sidecar.files and location not in reported:
+            report.problems.append(FileProblem(relative, UNCOVERED))
 
 
 def _check_chain(

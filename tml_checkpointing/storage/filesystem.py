@@ -372,13 +372,37 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         put_bytes(fs, path, data)
         return
     os.makedirs(parent, exist_ok=True)
-    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    temporary = write_temporary(f"{path}.{uuid.uuid4().hex}.tmp", data)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        discard(temporary)
+        raise
     fsync_directory(parent)
+
+
+def write_temporary(temporary: str, data: bytes) -> str:
+    """Write ``data`` to the local file ``temporary``, fsynced; return its path.
+
+    A write that fails (a full disk, a kill of the thread) removes the file again before the
+    error propagates: a failed replace must not leave ``<name>.<hex>.tmp`` files behind,
+    one per attempt, on a disk that is already full.
+    """
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        discard(temporary)
+        raise
+    return temporary
+
+
+def discard(path: str) -> None:
+    """Remove a local file if it is there (cleanup after a failure: never raises)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def invalidate_listing(fs: AbstractFileSystem, path: str) -> None:

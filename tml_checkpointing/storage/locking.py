@@ -72,6 +72,7 @@ from ..format.layout import WRITER_LOCK, WRITER_LOCK_GUARD
 from .faults import reading, writing
 from .filesystem import (
     StorageOptions,
+    discard,
     ensure_parent,
     fsync_directory,
     is_local,
@@ -80,6 +81,7 @@ from .filesystem import (
     put_bytes,
     resolve,
     storage_error_code,
+    write_temporary,
 )
 
 logger = logging.getLogger(__name__)
@@ -163,12 +165,7 @@ class _LocalStore(_Store):
 
     def _temporary(self, data: bytes) -> str:
         os.makedirs(self.directory, exist_ok=True)
-        temporary = f"{self.path}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return temporary
+        return write_temporary(f"{self.path}.{uuid.uuid4().hex}.tmp", data)
 
     def create(self, data: bytes) -> Any | None:
         temporary = self._temporary(data)
@@ -186,7 +183,12 @@ class _LocalStore(_Store):
             current = self.read()
             if current is None or current.version != expected:
                 return None
-            os.replace(self._temporary(data), self.path)
+            temporary = self._temporary(data)
+            try:
+                os.replace(temporary, self.path)
+            except BaseException:
+                discard(temporary)
+                raise
         fsync_directory(self.directory)
         return data
 

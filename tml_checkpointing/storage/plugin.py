@@ -26,7 +26,8 @@ barrier); rank 0, which alone writes the marker, merges them into ``.integrity.j
 removes them, so the sidecar covers every rank's files. Reads are verified as they pass:
 each range is widened to block boundaries, hashed and compared, so a flipped bit anywhere in
 what a restore reads raises :class:`~tml_checkpointing.errors.CorruptCheckpointError` naming
-the file (``storage_options={"tml_verify_reads": False}`` turns that off).
+the file, and so does a read of a data file the sidecar has no record of
+(``storage_options={"tml_verify_reads": False}`` turns that off).
 
 A save whose files disappear before commit (removed by hand or by a cleanup racing it) fails
 instead of committing: the files recorded are checked against one listing right before the
@@ -51,8 +52,8 @@ from torchsnapshot.io_types import ReadIO, StoragePlugin, WriteIO
 from torchsnapshot.manifest import SnapshotMetadata
 
 from ..errors import corrupt_checkpoint
-from ..format.layout import COMMIT_MARKER, INTEGRITY_SIDECAR
-from ..format.sidecar import Sidecar, SidecarFormatError, parse_sidecar
+from ..format.layout import COMMIT_MARKER, INTEGRITY_SIDECAR, is_data_file
+from ..format.sidecar import UNCOVERED, Sidecar, SidecarFormatError, parse_sidecar
 from .checkpoint_files import CheckpointFiles, world_size_from_json
 from .faults import reading
 from .filesystem import StorageOptions
@@ -145,7 +146,10 @@ class FsspecStoragePlugin(StoragePlugin):
     def _read(self, read_io: ReadIO) -> None:
         path = self._full_path(read_io.path)
         sidecar = self._load_sidecar() if self.verify_reads else None
-        record = sidecar.files.get(read_io.path.lstrip("/")) if sidecar else None
+        relative = read_io.path.lstrip("/")
+        record = sidecar.files.get(relative) if sidecar else None
+        if sidecar is not None and record is None and is_data_file(relative):
+            raise corrupt_checkpoint(self.url, relative, UNCOVERED, kind="data")
         with reading(f"{read_io.path} of checkpoint {self.url}"):
             if sidecar is None or record is None:
                 start, end = read_io.byte_range or (None, None)

@@ -17,11 +17,21 @@ import json
 import os
 import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass
 
-from ..format.layout import SAVE_CLAIM
+from ..format.layout import SAVE_CLAIM, claim_temporary_name
 from ..storage.faults import reading, writing
-from ..storage.filesystem import StorageOptions, join_url, replace_file, resolve
+from ..storage.filesystem import (
+    StorageOptions,
+    discard,
+    fsync_directory,
+    is_local,
+    join_url,
+    replace_file,
+    resolve,
+    write_temporary,
+)
 
 
 @dataclass(frozen=True)
@@ -49,11 +59,35 @@ class SaveClaim:
 
 
 def write_claim(checkpoint: str, storage_options: StorageOptions | None = None) -> None:
-    """Claim ``checkpoint`` for the calling process (before any of its data is written)."""
+    """Claim ``checkpoint`` for the calling process (before any of its data is written).
+
+    The claim lands whole, in one step, in a directory that holds nothing before it: on local
+    disk its bytes go to a temporary file in the save_dir
+    (:func:`~tml_checkpointing.format.layout.claim_temporary_name`), which is renamed into
+    ``<step>/.writing``; on object stores it is one PUT. A temporary file *inside* the step
+    directory made the directory a cleanup candidate (uncommitted, unclaimed, 0 s old) in
+    the moment between the write and the rename, and ``clean_incomplete(older_than=0)``
+    removed it there; an empty directory has no age and is never one.
+    """
     claim = SaveClaim(host=socket.gethostname(), pid=os.getpid(), started_at=time.time())
+    data = json.dumps(asdict(claim)).encode()
     fs, path = resolve(join_url(checkpoint, SAVE_CLAIM), storage_options)
     with writing(f"the save claim of {checkpoint}"):
-        replace_file(fs, path, json.dumps(asdict(claim)).encode())
+        if not is_local(fs):
+            replace_file(fs, path, data)  # one PUT: atomic, and nothing else is there
+            return
+        step_dir = os.path.dirname(path)
+        save_dir = os.path.dirname(step_dir) or "."
+        os.makedirs(step_dir, exist_ok=True)
+        name = claim_temporary_name(os.path.basename(step_dir), uuid.uuid4().hex)
+        temporary = write_temporary(os.path.join(save_dir, name), data)
+        try:
+            os.replace(temporary, path)
+        except BaseException:
+            discard(temporary)
+            raise
+        fsync_directory(step_dir)
+        fsync_directory(save_dir)
 
 
 def read_claim(checkpoint: str, storage_options: StorageOptions | None = None) -> SaveClaim | None:

@@ -26,18 +26,24 @@ from torchsnapshot.manifest import (
 from torchsnapshot.serialization import string_to_dtype
 
 from ..catalog.discovery import is_committed
-from ..errors import CheckpointExistsError, SnapshotStateError, corrupt_checkpoint
+from ..catalog.save_dir import holds_run
+from ..errors import (
+    CheckpointExistsError,
+    MaterializeDestinationError,
+    SnapshotStateError,
+    corrupt_checkpoint,
+)
 from ..format.chain_link import DELTA_ROOT
 from ..format.layout import COMMIT_MARKER, batched_file_name
 from ..format.sidecar import Sidecar
 from ..reading.chains import ancestry, chained_tensors, link_of, logical_metadata
 from ..reading.delta_rows import entry_dtype, entry_global_shape
 from ..reading.fast_restore import RestorePlan, plan_chained, plan_piece, plan_read, read_planned
-from ..reading.metadata import read_metadata, read_sidecar
+from ..reading.metadata import read_metadata, read_sidecars
 from ..reading.shard_reads import plan_shards
 from ..reading.verify import verify_checkpoint
 from ..storage.faults import reading, writing
-from ..storage.filesystem import StorageOptions, resolve
+from ..storage.filesystem import StorageOptions, parent_url, resolve
 from ..storage.plugin import FsspecStoragePlugin
 from .claims import write_claim
 
@@ -49,12 +55,15 @@ def materialize(
     (a checkpoint path, e.g. ``<other save_dir>/<step>``); return ``destination``.
 
     Raises :class:`CheckpointExistsError` when ``destination`` is already committed,
-    :class:`CorruptCheckpointError` when ``checkpoint`` (or its chain) does not verify.
+    :class:`MaterializeDestinationError` when it is a save_dir or inside one (materialize
+    outside every save_dir), :class:`CorruptCheckpointError` when ``checkpoint`` (or its
+    chain) does not verify.
     """
     if is_committed(destination, storage_options):
         raise CheckpointExistsError(
             f"{destination} is already a committed checkpoint; materialize into a new path"
         )
+    _check_destination(destination, storage_options)
     verify_checkpoint(checkpoint, level="size", storage_options=storage_options)
     fs, root = resolve(checkpoint, storage_options)
     root = root.rstrip("/")
@@ -89,6 +98,23 @@ def materialize(
             plugin._write_data(location, raw)
         plugin._commit(plain.to_yaml().encode())
     return destination
+
+
+def _check_destination(destination: str, storage_options: StorageOptions | None) -> None:
+    """Refuse a destination in a save_dir (or a save_dir itself): a copy there is taken for
+    a step of that run, so a resume would start from the state of another step."""
+    parent = parent_url(destination)
+    if holds_run(destination, storage_options):
+        where = f"{destination} is a save_dir (it holds <step> checkpoints or a run's files)"
+    elif holds_run(parent, storage_options) or is_committed(parent, storage_options):
+        where = f"{destination} is inside the save_dir {parent}"
+    else:
+        return
+    raise MaterializeDestinationError(
+        f"{where}: a checkpoint materialized there is taken for a step of that run, and a "
+        "resumed run would start from it. Materialize to a path outside the save_dir "
+        "(e.g. <export dir>/<step>); nothing was written"
+    )
 
 
 def _read_state(
@@ -159,9 +185,7 @@ def _read_state(
                 f"({getattr(entry, 'serializer', '')}); only tensors (plain or sharded), "
                 "objects and primitives are materialized"
             )
-    sidecars: dict[str, Sidecar | None] = {
-        directory: read_sidecar(fs, directory, checkpoint) for directory in plan.directories
-    }
+    sidecars: dict[str, Sidecar | None] = read_sidecars(fs, plan.directories, checkpoint)
     read_planned(plan, fs, sidecars, checkpoint)
     return tensors, objects, manifest
 
@@ -203,7 +227,7 @@ def _read_verified(fs: Any, root: str, location: str, checkpoint: str) -> bytes:
     relative = location.lstrip("/")
     with fs.open(f"{root}/{relative}", "rb") as handle:
         raw: bytes = handle.read()
-    sidecar = read_sidecar(fs, root, checkpoint)
+    sidecar = read_sidecars(fs, [root], checkpoint)[root]
     problem = sidecar.mismatch(relative, 0, raw) if sidecar is not None else None
     if problem is not None:
         raise corrupt_checkpoint(checkpoint, relative, problem, kind="data")

@@ -208,7 +208,8 @@ class StagingArea:
         ``chain`` (incremental saves): with a parent, each chained tensor is compared with its
         staged copy (the parent's values) and only the changed rows are copied and written;
         the save is full instead when those rows would take the chain past
-        ``chain.max_chain_fraction`` of a full checkpoint.
+        ``chain.max_chain_fraction`` of a full checkpoint, or when the delta would write at least
+        as many bytes as a full save.
         """
         data_file = batched_file_name()  # fresh per attempt (see the function)
         manifest: dict[str, Entry] = dict(containers)
@@ -306,6 +307,10 @@ class StagingArea:
             return None, vote  # a full save is due: every tensor is copied whole
         if parent.chain_bytes + vote.delta_bytes > chain.max_chain_fraction * parent.full_bytes:
             return None, vote  # the staged copies are current: the full save writes them
+        if vote.dense_bytes + vote.delta_bytes >= vote.full_bytes:
+            # A delta of (nearly) every row, indices on top, weighs as much as a full save:
+            # written full, whatever the chain's budget (docs/incremental.md).
+            return None, vote
         for slot in self.plan.chained:
             rows = changed[slot.key]
             self._rows_view(slot)[: rows.numel()].copy_(rows)
