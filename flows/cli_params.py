@@ -11,7 +11,9 @@ new parameter reaches the command line with no edit here. The rules:
 - a dict is one JSON object (``--storage-options '{"endpoint_url": "..."}'``);
 - anything else is checked against the field's type and constraints as it is parsed, so bad
   input is argparse's exit 2, before anything starts;
-- options are grouped by the field's group (:data:`training.config.GROUP_TITLES`), if any.
+- options are grouped by the field's group (:data:`training.config.GROUP_TITLES`), if any;
+- what only the whole model can check (a validator across fields) fails when the command
+  builds the model (:func:`build_model`): :class:`InvalidParametersError`, one line, exit 2.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
+from tml_checkpointing.errors import CheckpointError
 from training.config import GROUP_TITLES, Group, field_group
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class InvalidParametersError(CheckpointError, ValueError):
+    """Options that pass each one's own check but not the model's (a validator across fields,
+    such as ``--initial-checkpoint`` inside ``--save-dir``); the message is one line."""
+
 
 # Extra checks made while parsing, beyond the field's type (a recipe that does not import).
 Check = Callable[[Any], None]
@@ -87,7 +98,7 @@ def _parser_of(name: str, field: FieldInfo, check: Check | None) -> Callable[[st
         try:
             value = json.loads(text) if kind(field) == "json" else text
             value = adapter.validate_python(value)
-        except (ValidationError, ValueError) as error:
+        except (ValidationError, ValueError, RecursionError) as error:  # JSON nested too deep
             reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else error
             raise argparse.ArgumentTypeError(f"{text!r}: {reason}") from None
         if check is not None:
@@ -163,3 +174,22 @@ def model_arguments(args: argparse.Namespace, model: type[BaseModel]) -> dict[st
         elif value is not None:
             given[name] = value
     return given
+
+
+def one_line(error: ValidationError) -> str:
+    """A pydantic error as one line: ``field: reason; ...`` (no input dump, no URL)."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        reason = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {reason}" if where else reason)
+    return "; ".join(parts)
+
+
+def build_model(args: argparse.Namespace, model: type[Model]) -> Model:
+    """``model`` from the options given (:func:`model_arguments`); its validators' refusals
+    become :class:`InvalidParametersError` (one line) instead of pydantic's multi-line dump."""
+    try:
+        return model(**model_arguments(args, model))
+    except ValidationError as error:
+        raise InvalidParametersError(f"invalid parameters: {one_line(error)}") from None

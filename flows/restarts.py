@@ -39,8 +39,9 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Crashed
 from prefect.utilities.urls import url_for
 
+from tml_checkpointing import CheckpointError, get_checkpoint, step_from_checkpoint
 from tml_checkpointing.errors import PreemptedError
-from training.config import RestartOf, TrainOptions
+from training.config import RestartOf, TrainConfig, TrainOptions
 
 NOT_RESTARTED = "NotRestarted"  # the state name of a run stopped by max_restarts
 PREEMPTED = "Preempted"  # the state name of a run stopped by SIGTERM/SIGINT/SIGUSR1
@@ -78,7 +79,7 @@ def begin_restart(restart_of: RestartOf | None, options: TrainOptions) -> State[
     return None
 
 
-def preempted_state(preempted: PreemptedError, save_dir: str) -> State[Any]:
+def preempted_state(preempted: PreemptedError, config: TrainConfig) -> State[Any]:
     """The final state of a run stopped by a signal after its final checkpoint.
 
     ``Crashed`` named ``Preempted`` (the resume automation expects it), with where the run
@@ -86,11 +87,7 @@ def preempted_state(preempted: PreemptedError, save_dir: str) -> State[Any]:
     cancellation reaches the process), so that a cancellation is never resumed. The state
     carries the error: a caller of the flow (``tml train``) gets it raised.
     """
-    where = (
-        f"step {preempted.step} is committed in {save_dir}"
-        if preempted.step is not None
-        else f"no checkpoint could be written; {save_dir} holds what was committed before"
-    )
+    where = _where(preempted, config)
     if _is_cancelling():
         return Cancelled(message=f"Cancelled during training: {where}.")
     return Crashed(
@@ -98,6 +95,22 @@ def preempted_state(preempted: PreemptedError, save_dir: str) -> State[Any]:
         message=f"Preempted by {preempted.signal_name}: {where}; a restart resumes from it.",
         data=preempted,
     )
+
+
+def _where(preempted: PreemptedError, config: TrainConfig) -> str:
+    """Where the run's checkpoint is: the step the process saved on the signal, or (ranks
+    save it in their own processes) the newest committed one."""
+    if preempted.step is not None:
+        return f"step {preempted.step} is committed in {config.save_dir}"
+    try:
+        newest = get_checkpoint(
+            config.save_dir, missing_ok=True, storage_options=config.storage_options
+        )
+    except CheckpointError as error:
+        return f"{config.save_dir} could not be listed ({error})"
+    if not newest:
+        return f"no checkpoint is committed in {config.save_dir} yet"
+    return f"step {step_from_checkpoint(newest)} is committed in {config.save_dir}"
 
 
 def _describe(run: FlowRun | None, run_id: UUID) -> str:

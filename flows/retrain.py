@@ -6,11 +6,21 @@ lands in the same directory and resumes instead of starting over. The lineage (p
 checkpoint used for the warm start) is decided once, written to ``<run_dir>/lineage.json``
 before training, and reused on resume: a resumed retrain warm-starts from exactly the same
 weights. The first run ever starts from scratch.
+
+The warm start is the newest checkpoint of the previous run that *verifies* (every byte read
+and checked against its integrity sidecar): a corrupt one -- a flipped byte, a truncated file --
+is skipped with a warning naming it and why, and the one before is used; a previous run with
+no valid checkpoint at all is skipped for the run before it, and with none anywhere the run
+starts from scratch (also said in a warning). One bad checkpoint must not fail every later
+nightly run. A warm start already recorded in ``lineage.json`` (a retry of the same dated run)
+is kept, unless the run has no checkpoint of its own yet and the recorded one no longer
+verifies: then it is chosen again the same way, and the lineage records the new choice.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,10 +34,18 @@ from flows.evaluate import evaluate
 from flows.train import train
 from tasks.naming import artifact_key, experiment, flow_run_namer
 from tml_checkpointing import get_checkpoint, join_url
+from tml_checkpointing.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
 from tml_checkpointing.format.layout import LINEAGE
+from tml_checkpointing.reading.verify import get_latest_valid_checkpoint, verify_checkpoint
+from tml_checkpointing.storage.faults import reading
 from tml_checkpointing.storage.filesystem import StorageOptions, replace_file, resolve
-from training.config import RunParams, TrainConfig
+from training.config import RunParams, TrainConfig, TrainOptions
 from training.evaluation import EvalParams
+from training.run_info import RunConfigChangedError, find_run_info, reconcile_run_info
 from training.session import close_session
 from training.start import check_run_start
 
@@ -74,33 +92,38 @@ def retrain(
     name = run_name or dated_run_name(flow_run.get_scheduled_start_time())
     run_dir = join_url(runs_dir, name)
     lineage = read_lineage(run_dir, storage_options)
+    options = TrainOptions()
+    if lineage is not None and not _warm_start_holds(lineage, storage_options, logger):
+        # Retrying a run that never got a checkpoint of its own, whose recorded warm start
+        # is now corrupt or gone: choose again. Its run.json (if the first try got that far)
+        # records the old warm start; only that one difference is allowed to change.
+        previous, warm_start = choose_warm_start(runs_dir, name, storage_options, logger)
+        chosen = lineage.model_copy(
+            update={"previous_run": previous, "warm_start_checkpoint": warm_start}
+        )
+        config = train_config(run, run_dir, chosen.warm_start_checkpoint)
+        if _only_the_warm_start_changed(config):
+            options = TrainOptions(allow_changed_config=True)
+        _check_start(config, options)
+        lineage = chosen
+        write_lineage(lineage, storage_options)
     if lineage is None:
-        previous = previous_run(runs_dir, name, storage_options)
+        previous, warm_start = choose_warm_start(runs_dir, name, storage_options, logger)
         lineage = Lineage(
             run_dir=run_dir,
             previous_run=previous,
-            warm_start_checkpoint=get_checkpoint(
-                previous, missing_ok=True, storage_options=storage_options
-            )
-            or None
-            if previous
-            else None,
+            warm_start_checkpoint=warm_start,
             flow_run_id=str(flow_run.get_id()),
             created_at=datetime.now(UTC).isoformat(),
         )
         # A start train would refuse (a recipe that does not import, ...) writes nothing at all.
-        config = train_config(run, run_dir, lineage.warm_start_checkpoint)
-        try:
-            check_run_start(config)
-        except BaseException:
-            close_session(config)
-            raise
+        _check_start(train_config(run, run_dir, lineage.warm_start_checkpoint), options)
         write_lineage(lineage, storage_options)
     logger.info(
         "Run %s: %s", run_dir, f"warm start from {lineage.warm_start_checkpoint}"
         if lineage.warm_start_checkpoint else "first run, from scratch"
     )  # fmt: skip
-    trained = train(train_config(run, run_dir, lineage.warm_start_checkpoint))
+    trained = train(train_config(run, run_dir, lineage.warm_start_checkpoint), options)
     lineage.final_checkpoint = trained.checkpoint
     for partition in partitions:
         # The run has ended: its final checkpoint is there, so no long wait and fast polls.
@@ -124,6 +147,92 @@ def retrain(
         description="Retraining lineage, and how this run compares with the previous one",
     )
     return lineage
+
+
+def _check_start(config: TrainConfig, options: TrainOptions) -> None:
+    """What ``train`` would refuse, refused before anything is written (lineage.json)."""
+    try:
+        check_run_start(config, allow_changed_config=options.allow_changed_config)
+    except BaseException:
+        close_session(config)
+        raise
+
+
+def choose_warm_start(
+    runs_dir: str,
+    current_name: str,
+    storage_options: StorageOptions | None = None,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+) -> tuple[str | None, str | None]:
+    """``(previous run, its newest checkpoint that verifies)`` for the run ``current_name``.
+
+    Runs before ``current_name`` are tried newest first; in each, committed checkpoints newest
+    first, each verified in full (every byte read and checksummed: a same-size flipped byte
+    is found too). Every checkpoint or run skipped is logged as a WARNING with the reason.
+    ``(None, None)``: no earlier run has a checkpoint that verifies; the run starts fresh. A
+    storage fault (unreadable, not judged corrupt) raises instead of skipping anything.
+    """
+    log = logger or logging.getLogger(__name__)
+    for candidate in earlier_runs(runs_dir, current_name, storage_options):
+        committed = get_checkpoint(candidate, missing_ok=True, storage_options=storage_options)
+        if not committed:
+            continue  # never trained a checkpoint: not a run to warm-start from
+        valid = get_latest_valid_checkpoint(
+            candidate, verify="full", storage_options=storage_options
+        )
+        if valid:
+            if valid != committed:
+                log.warning(
+                    "Warm start from %s: the newer checkpoint(s) of %s do not verify (skipped, "
+                    "see the warnings above; `tml checkpoints verify %s` shows why).",
+                    valid,
+                    candidate,
+                    candidate,
+                )
+            return candidate, valid
+        log.warning(
+            "Previous run %s has no checkpoint that verifies (its newest, %s, and every older "
+            "one are corrupt or gone); looking at the run before it.",
+            candidate,
+            committed,
+        )
+    return None, None
+
+
+def _warm_start_holds(
+    lineage: Lineage,
+    storage_options: StorageOptions | None,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> bool:
+    """Whether a resumed run keeps its recorded warm start: yes once the run has a checkpoint
+    of its own (it resumes from that, the warm start no longer matters), or while the
+    recorded checkpoint still verifies in full."""
+    recorded = lineage.warm_start_checkpoint
+    if recorded is None or get_checkpoint(
+        lineage.run_dir, missing_ok=True, storage_options=storage_options
+    ):
+        return True
+    try:
+        verify_checkpoint(recorded, level="full", storage_options=storage_options)
+    except (CorruptCheckpointError, CheckpointNotFoundError) as error:
+        logger.warning(
+            "The recorded warm start of %s, %s, can no longer be used (%s); choosing again.",
+            lineage.run_dir,
+            recorded,
+            error,
+        )
+        return False
+    return True
+
+
+def _only_the_warm_start_changed(config: TrainConfig) -> bool:
+    """Whether ``config`` differs from the run's ``run.json`` in its warm start alone."""
+    stored = find_run_info(config.save_dir, config.storage_options)
+    try:
+        reconcile_run_info(stored, config, 0)
+    except RunConfigChangedError as changed:
+        return set(changed.changes) == {"initial_checkpoint"}
+    return False
 
 
 def train_config(run: RunParams, run_dir: str, warm_start: str | None) -> TrainConfig:
@@ -158,33 +267,54 @@ def dated_run_name(when: datetime | None) -> str:
     return moment.strftime("%Y%m%dT%H%M%SZ")
 
 
-def previous_run(
+def earlier_runs(
     runs_dir: str, current_name: str, storage_options: StorageOptions | None = None
-) -> str | None:
-    """The newest run before ``current_name`` that has a committed checkpoint."""
+) -> list[str]:
+    """The run directories under ``runs_dir`` named before ``current_name``, newest first."""
     fs, root = resolve(runs_dir, storage_options)
     try:
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
-        return None
+        return []
     names = sorted(
         entry["name"].rstrip("/").rsplit("/", 1)[-1]
         for entry in entries
         if entry["type"] == "directory"
     )
-    for name in reversed([n for n in names if n < current_name]):
-        candidate = join_url(runs_dir, name)
+    return [join_url(runs_dir, name) for name in reversed(names) if name < current_name]
+
+
+def previous_run(
+    runs_dir: str, current_name: str, storage_options: StorageOptions | None = None
+) -> str | None:
+    """The newest run before ``current_name`` that has a committed checkpoint (valid or not;
+    :func:`choose_warm_start` picks the one to warm-start from)."""
+    for candidate in earlier_runs(runs_dir, current_name, storage_options):
         if get_checkpoint(candidate, missing_ok=True, storage_options=storage_options):
             return candidate
     return None
 
 
+class LineageInvalidError(CheckpointError, ValueError):
+    """``<run_dir>/lineage.json`` exists but is not a lineage record (bad input: exit 2)."""
+
+
 def read_lineage(run_dir: str, storage_options: StorageOptions | None = None) -> Lineage | None:
     fs, path = resolve(join_url(run_dir, LINEAGE_NAME), storage_options)
     try:
-        return Lineage.model_validate(json.loads(fs.cat_file(path)))
+        with reading(f"{run_dir}/{LINEAGE_NAME}"):
+            raw = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    try:
+        return Lineage.model_validate(json.loads(raw))
+    except (ValueError, RecursionError) as error:  # ValidationError is a ValueError
+        reason = " ".join(str(error).split())[:300]
+        raise LineageInvalidError(
+            f"{run_dir}/{LINEAGE_NAME} is not a lineage record ({reason}); retrain writes it "
+            "when a run starts. Restore it, remove it to decide the warm start again, or give "
+            "another --run-name."
+        ) from None
 
 
 def write_lineage(lineage: Lineage, storage_options: StorageOptions | None = None) -> None:

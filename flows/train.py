@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from flows.reporting import ThrottledReport
 from flows.restarts import begin_restart, preempted_state
-from flows.signals import exiting
+from flows.signals import exiting, stopping_exit_code
 from tasks.checkpoint_events import CheckpointAnnouncer
 from tasks.naming import artifact_key, experiment, flow_run_namer, tag_run_with_experiment
 from tasks.training import train_epoch_task
@@ -116,7 +116,7 @@ def train(
             if config.wait_for_evaluators:
                 _wait_for_evaluators(result, config, options.evaluator_timeout)
     except PreemptedError as preempted:
-        return cast(TrainResult, preempted_state(preempted, config.save_dir))
+        return cast(TrainResult, preempted_state(preempted, config))
     finally:
         close_session(config)  # a refused one-process start built its model to compare shapes
     _publish(result)
@@ -313,6 +313,9 @@ def preemption_guard(last_step: Callable[[], int | None]) -> Iterator[Preemption
         get_run_logger().warning("Not in the main thread: preemption signals are not caught.")
         yield None
         return
+    stopping = stopping_exit_code()  # a stop signal that came while Prefect started the flow
+    if stopping is not None:
+        raise SystemExit(stopping)
     with PreemptionGuard() as guard:
         try:
             yield guard

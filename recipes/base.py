@@ -8,13 +8,17 @@ run would have seen -- no data-loader state needs to be checkpointed.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from tml_checkpointing.errors import CheckpointError
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -46,12 +50,21 @@ RecipeBuilder = Callable[[RecipeParams], Recipe]
 DEFAULT_RECIPE = "recipes.ranking:build"
 
 
-class RecipeError(ValueError):
-    """A recipe import path that does not lead to a recipe builder."""
+class RecipeError(CheckpointError, ValueError):
+    """A recipe import path that does not lead to a recipe builder (bad input: ``tml`` exit 2)."""
+
+
+_BUILDER_SHAPE = "a recipe builder takes one RecipeParams and returns a Recipe"
 
 
 def load_recipe(import_path: str) -> RecipeBuilder:
-    """Resolve ``"package.module:function"`` to the builder it names."""
+    """Resolve ``"package.module:function"`` to the builder it names.
+
+    Checked here, before anything is built or written: the module imports, the name is a
+    callable, and that callable can be called with one argument (``os:getcwd`` imports but
+    takes none). What the builder returns is checked when it is called: anything but a
+    :class:`Recipe` raises :class:`RecipeError` naming the import path.
+    """
     module_name, sep, attribute = import_path.partition(":")
     if not sep or not module_name or not attribute:
         raise RecipeError(f"recipe must look like 'package.module:function', got {import_path!r}")
@@ -62,4 +75,27 @@ def load_recipe(import_path: str) -> RecipeBuilder:
     builder: Any = getattr(module, attribute, None)
     if not callable(builder):
         raise RecipeError(f"{module_name!r} has no callable {attribute!r} (from {import_path!r})")
-    return builder  # type: ignore[no-any-return]
+    try:
+        inspect.signature(builder).bind(None)
+    except TypeError as error:
+        raise RecipeError(
+            f"{import_path!r} is not a recipe builder: it cannot be called with the run's "
+            f"parameters ({error}); {_BUILDER_SHAPE}"
+        ) from None
+    except ValueError:
+        pass  # no signature to inspect (some builtins): the call itself will tell
+    return _returning_a_recipe(builder, import_path)
+
+
+def _returning_a_recipe(builder: Callable[..., Any], import_path: str) -> RecipeBuilder:
+    @functools.wraps(builder)
+    def build(params: RecipeParams) -> Recipe:
+        recipe = builder(params)
+        if not isinstance(recipe, Recipe):
+            raise RecipeError(
+                f"{import_path!r} is not a recipe builder: it returned a "
+                f"{type(recipe).__name__}, not a recipes.base.Recipe; {_BUILDER_SHAPE}"
+            )
+        return recipe
+
+    return build

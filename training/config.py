@@ -25,10 +25,11 @@ from __future__ import annotations
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from recipes.base import DEFAULT_RECIPE, RecipeParams
-from tml_checkpointing.errors import CheckpointError
+from tml_checkpointing.catalog.evaluation import done_marker_path
+from tml_checkpointing.errors import CheckpointError, InvalidPartitionNameError
 from tml_checkpointing.writing.incremental import DEFAULT_FULL_EVERY, MIN_CHAINED_BYTES
 
 Group = Literal["identity", "checkpoints", "testing", "machines", "operations"]
@@ -58,6 +59,20 @@ def field_group(model: type[BaseModel], name: str) -> Group | None:
     if declared is not None:
         raise TypeError(f"{model.__name__}.{name}: unknown group {declared!r}")
     return None
+
+
+# The seeds torch.manual_seed accepts (a value outside overflows inside torch, after run.json
+# was written): the field refuses them up front.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+
+
+def check_partition_name(name: str) -> str:
+    """``name`` if it can name an evaluation partition (its done-marker is a file named after
+    it), else :class:`~tml_checkpointing.errors.InvalidPartitionNameError` (the library's rule:
+    non-empty, no ``/``, not ``.`` or ``..``)."""
+    done_marker_path("checkpoint", name)  # raises for a name that cannot be a marker
+    return name
 
 
 class RunParams(BaseModel):
@@ -94,7 +109,10 @@ class RunParams(BaseModel):
     )
     seed: int = Field(
         default=0,
-        description="Seed of the model's initial weights and of the data order.",
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="Seed of the model's initial weights and of the data order: an integer "
+        "torch.manual_seed accepts, from -2^63 to 2^64 - 1.",
         json_schema_extra=group("identity"),
     )
     recipe: str = Field(
@@ -180,6 +198,16 @@ class RunParams(BaseModel):
         "epoch's retry restore the newest checkpoint.",
         json_schema_extra=group("testing"),
     )
+
+    @field_validator("wait_for_evaluators")
+    @classmethod
+    def _partition_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            try:
+                check_partition_name(name)
+            except InvalidPartitionNameError as error:
+                raise ValueError(str(error)) from None
+        return names
 
     @property
     def world_size(self) -> int:

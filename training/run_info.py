@@ -236,7 +236,7 @@ def find_run_info(save_dir: str, storage_options: StorageOptions | None = None) 
         return None
     try:
         return RunInfo.model_validate(json.loads(data))
-    except (ValueError, ValidationError) as error:
+    except (ValueError, ValidationError, RecursionError) as error:
         raise RunInfoInvalidError(
             f"{save_dir}/{RUN_INFO} is not a run record ({error}); it is written by `tml train` "
             "at a run's first start. Restore it, or train into another save_dir."

@@ -3,10 +3,12 @@
 Why: a start that is refused must leave ``save_dir`` exactly as it found it -- no rewritten
 ``run.json`` that evaluators would then trust, no lock, no checkpoint. So every check that can
 refuse a start reads only and runs first (:func:`check_run_start`): ``save_dir`` is not a
-checkpoint, the recipe imports, the warm-start checkpoint exists and is committed, the
-parameters match the run's record (``run.json``), and the checkpoint it resumes (or warm-starts)
-from fits the model the recipe builds. Only then does the flow take the writer lock, check
-again under it (another start may have raced in between) and record (:func:`record_run_start`).
+checkpoint and its bucket exists, the recipe imports, the warm-start checkpoint exists and is
+committed, no committed checkpoint lies past the requested final step (a run is never shortened
+below what it trained), the parameters match the run's record (``run.json``), and the checkpoint
+it resumes (or warm-starts) from fits the model the recipe builds. Only then does the flow take
+the writer lock, check again under it (another start may have raced in between) and record
+(:func:`record_run_start`).
 
 The shape check needs the model. A one-process run builds it in the flow's process, which then
 trains it: the check costs nothing extra there. A run with several ranks builds its model in
@@ -21,17 +23,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recipes.base import load_recipe
-from tml_checkpointing import CheckpointNotFoundError, join_url, step_from_checkpoint
-from tml_checkpointing.catalog.discovery import is_committed
+from tml_checkpointing import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    join_url,
+    step_from_checkpoint,
+)
+from tml_checkpointing.catalog.discovery import is_committed, latest_checkpoint
 from tml_checkpointing.catalog.save_dir import assert_save_dir
 from tml_checkpointing.format.layout import RUN_INFO
 from tml_checkpointing.reading.verify import get_latest_valid_checkpoint
 from tml_checkpointing.storage.faults import reading, writing
-from tml_checkpointing.storage.filesystem import StorageOptions, replace_file, resolve
+from tml_checkpointing.storage.filesystem import (
+    StorageOptions,
+    replace_file,
+    require_bucket,
+    resolve,
+)
 
 from .config import TrainConfig
 from .run_info import RunInfo, find_run_info, reconcile_run_info, write_run_info
 from .session import get_session
+
+
+class RunPastFinalStepError(CheckpointError, ValueError):
+    """A start whose final step lies before a checkpoint the run already committed.
+
+    Refused even with ``allow_changed_config``: the run would report an older checkpoint as
+    its final one "resumed from" the newer, and ``run.json`` would no longer describe the
+    checkpoints in ``save_dir`` (a new segment applies from the step it resumes, and there is
+    none to resume). Nothing is written.
+    """
 
 
 @dataclass(frozen=True)
@@ -50,8 +72,11 @@ def check_run_start(config: TrainConfig, *, allow_changed_config: bool = False) 
     when it does not go on to train. A run with several ranks builds no model here.
     """
     options = config.storage_options
+    fs, root = resolve(config.save_dir, options)
+    require_bucket(fs, root)  # a missing bucket is bad input, named as such, not a write error
     assert_save_dir(config.save_dir, options)
     load_recipe(config.recipe)  # RecipeError names what is wrong with the import path
+    _refuse_shortening(config)
     if config.initial_checkpoint and not is_committed(config.initial_checkpoint, options):
         raise CheckpointNotFoundError(
             f"initial_checkpoint {config.initial_checkpoint!r} is not a committed checkpoint "
@@ -77,6 +102,22 @@ def check_run_start(config: TrainConfig, *, allow_changed_config: bool = False) 
     elif config.initial_checkpoint:
         session.check_fits(config.initial_checkpoint, keys=["model"])
     return RunStart(resumed_from=resumed_from, run_info=run_info)
+
+
+def _refuse_shortening(config: TrainConfig) -> None:
+    """Raise :class:`RunPastFinalStepError` if a committed checkpoint lies past the final step
+    ``config`` asks for (the newest one, valid or not: it is the run's history either way)."""
+    newest = latest_checkpoint(config.save_dir, config.storage_options)
+    if newest is None or newest.step <= config.final_step:
+        return
+    needed = -(-newest.step // config.steps_per_epoch)  # epochs that reach the newest step
+    raise RunPastFinalStepError(
+        f"{config.save_dir} already has a checkpoint at step {newest.step}, past the final step "
+        f"{config.final_step} that epochs={config.epochs} x steps_per_epoch="
+        f"{config.steps_per_epoch} asks for; a run is never shortened below what it trained, "
+        f"not even with --allow-changed-config. Give --epochs {needed} or more to resume it, "
+        "or another save_dir for a shorter run. Nothing was written."
+    )
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def parse_sidecar(raw: bytes) -> Sidecar:
     """
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise SidecarFormatError(f"not JSON ({error})") from error
     if not isinstance(body, dict):
         raise SidecarFormatError(f"a JSON {type(body).__name__}, not an object")
