@@ -66,6 +66,7 @@ from flows.signals import (
     is_signal_exit_code,
     stopping_exit_code,
 )
+from tml_checkpointing.cli.exit_codes import EXIT_BAD_INPUT, EXIT_SAVE_DIR_LOCKED
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -83,11 +84,6 @@ PREFECT_DEFAULTS = {
     "PREFECT_API_REQUEST_TIMEOUT": "30",
 }
 
-# The exit status of a flow command refused because another live run holds the save_dir's
-# writer lock (docs/cli.md): not 3 (storage error: nothing is wrong with storage) and not 1
-# (corrupt): the remedy is to wait for that run, or to use another save_dir.
-EXIT_SAVE_DIR_LOCKED = 5
-EXIT_BAD_INPUT = 2
 STAGE_ENV = "TML_REPORT_STAGES"
 
 FLOW_COMMANDS = frozenset({"train", "evaluate", "retrain"})

@@ -53,20 +53,22 @@ def test_guard_catches_ctrl_c_by_default() -> None:
 def test_flow_guard_honours_a_signal_that_came_after_the_last_step(
     prefect_api: PrefectServer,
 ) -> None:
-    """A signal during the last save has no step left to stop: the run still exits 128 + n."""
+    """A signal during the last save has no step left to stop: the run still stops as
+    preempted (the train flow ends Preempted; ``tml`` exits 128 + n), naming the last step."""
     from prefect import flow
 
     from flows.train import preemption_guard
 
     @flow(name="guard-after-last-step")
     def body() -> None:
-        with preemption_guard() as guard:
+        with preemption_guard(lambda: 7) as guard:
             assert guard is not None
             os.kill(os.getpid(), signal.SIGTERM)  # caught by the guard; no step checks it
 
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(PreemptedError) as stopped:
         body()
-    assert stopped.value.code == 143
+    assert (stopped.value.exit_code, stopped.value.step) == (143, 7)
+    assert stopped.value.signal_name == "SIGTERM"
 
 
 def test_guard_outside_main_thread_is_refused() -> None:

@@ -34,15 +34,13 @@ from ..errors import (
 )
 from ..storage.faults import is_storage_fault
 from .common import (
-    EXIT_BAD_INPUT,
-    EXIT_CORRUPT,
-    EXIT_STORAGE,
     Parser,
     fail,
     parse_duration,
     positive_int,
     storage_message,
 )
+from .exit_codes import EXIT_BAD_INPUT, EXIT_CORRUPT, EXIT_SAVE_DIR_LOCKED, EXIT_STORAGE
 from .inspection import checkpoints_inspect
 from .listing import checkpoints_list
 from .maintenance import checkpoints_clean_incomplete, checkpoints_materialize, checkpoints_prune
@@ -164,7 +162,9 @@ def main(
         return int(args.handler(args))
     except CorruptCheckpointError as error:
         return fail(as_json, str(error), EXIT_CORRUPT)
-    except (CheckpointReadError, CheckpointWriteError, SaveDirLockedError) as error:
+    except SaveDirLockedError as error:  # nothing is wrong with storage: another run holds it
+        return fail(as_json, str(error), EXIT_SAVE_DIR_LOCKED)
+    except (CheckpointReadError, CheckpointWriteError) as error:
         return fail(as_json, storage_message(error), EXIT_STORAGE)
     except (CheckpointError, ValidationError) as error:
         return fail(as_json, str(error), EXIT_BAD_INPUT)

@@ -34,11 +34,7 @@ from ..errors import (
 from ..format.chain_link import ChainLink
 from ..format.layout import COMMIT_MARKER
 from ..storage.filesystem import invalidate_listing, require_bucket, resolve
-
-EXIT_OK = 0
-EXIT_CORRUPT = 1
-EXIT_BAD_INPUT = 2
-EXIT_STORAGE = 3
+from .exit_codes import EXIT_BAD_INPUT
 
 
 class Parser(argparse.ArgumentParser):

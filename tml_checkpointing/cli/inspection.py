@@ -22,8 +22,6 @@ from ..reading.metadata import read_metadata
 from ..reading.verify import verify_checkpoint
 from ..storage.filesystem import resolve
 from .common import (
-    EXIT_CORRUPT,
-    EXIT_OK,
     chain_summary,
     chain_text,
     emit,
@@ -31,6 +29,7 @@ from .common import (
     format_bytes,
     require_checkpoint,
 )
+from .exit_codes import EXIT_CORRUPT, EXIT_OK
 
 
 def checkpoints_inspect(args: argparse.Namespace) -> int:

@@ -28,7 +28,6 @@ from ..lifecycle.cleanup import (
 from ..reading.chains import read_chain_link
 from ..reading.verify import verify_checkpoint
 from .common import (
-    EXIT_OK,
     chain_summary,
     chain_text,
     emit,
@@ -37,6 +36,7 @@ from .common import (
     format_bytes,
     require_directory,
 )
+from .exit_codes import EXIT_OK
 
 
 def checkpoints_list(args: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ from ..lifecycle.cleanup import (
 from ..lifecycle.retention import RetentionPlan, RetentionPolicy, prune
 from ..writing.materialize import materialize
 from .common import (
-    EXIT_OK,
     emit,
     format_age,
     format_bytes,
@@ -32,6 +31,7 @@ from .common import (
     require_directory,
     step_progress,
 )
+from .exit_codes import EXIT_OK
 
 
 def checkpoints_prune(args: argparse.Namespace) -> int:

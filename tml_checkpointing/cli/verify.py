@@ -13,13 +13,12 @@ from ..errors import BadInputError
 from ..reading.verify import VerifyReport, verify_checkpoint
 from ..storage.filesystem import basename
 from .common import (
-    EXIT_CORRUPT,
-    EXIT_OK,
     bytes_progress,
     emit,
     err_console,
     require_directory,
 )
+from .exit_codes import EXIT_CORRUPT, EXIT_OK
 
 
 def checkpoints_verify(args: argparse.Namespace) -> int:
