@@ -143,7 +143,7 @@ def test_inspect_of_a_checkpoint_missing_a_shard_says_so(tmp_path: Path, capsys)
     ("error", "code"),
     [
         (CheckpointWriteError("disk full"), 3),
-        (SaveDirLockedError("held by pid 1"), 3),
+        (SaveDirLockedError("held by pid 1"), 5),  # another run holds it: wait (docs/cli.md)
         (InvalidStepError("bad"), 2),
         (ConnectionRefusedError("refused"), 3),
     ],
