@@ -29,10 +29,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -92,6 +93,25 @@ def deployed(prefect_server: PrefectServer) -> Iterator[dict[str, str]]:
             yield env
         finally:
             remove_project_automations()
+
+
+StartWorker = Callable[[], "subprocess.Popen[str]"]
+
+
+@pytest.fixture
+def workers(deployed: dict[str, str], tmp_path: Path) -> Iterator[StartWorker]:
+    """Starts a process worker of the pool (from a directory of its own) on each call; every
+    one started, and every flow-run process it started, is killed after the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start() -> subprocess.Popen[str]:
+        log = tmp_path / f"worker-{len(started)}.log"
+        started.append(start_worker(deployed, tmp_path / "worker-cwd", log))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        kill_tree(worker)
 
 
 @dataclass
@@ -220,7 +240,6 @@ def check_resumed(
     )
     states = {(t.flow_run_id, t.name): t.state for t in task_runs}
     assert all(s is not None and s.is_final() for s in states.values()), states
-    return None
 
 
 def crashed_task_run_messages(client: SyncPrefectClient, run: FlowRun) -> list[str]:
@@ -242,74 +261,66 @@ def assert_same_as_uninterrupted(save_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(480)
 def test_killed_flow_run_process_resumes_by_itself(
-    deployed: dict[str, str], prefect_api: PrefectServer, tmp_path: Path
+    deployed: dict[str, str], workers: StartWorker, prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     save_dir = tmp_path / "run"
     events = tmp_path / "events.log"
     run_id = start_train(deployed, save_dir, hook_env(events, pause="save.committed:3"))
-    worker = start_worker(deployed, tmp_path / "worker-cwd", tmp_path / "worker.log")
-    try:
-        pid = int(wait_for_line(events, "pid ").split()[1])
-        paused = wait_for_line(events, "paused save.committed ").split()[-1]
-        # Where the kill lands: the third commit is the newest checkpoint, nothing after it.
-        step = step_from_checkpoint(paused)
-        assert step == 6
-        assert step_from_checkpoint(get_checkpoints(str(save_dir))[-1]) == step
-        killed = time.time()
-        os.kill(pid, signal.SIGKILL)
+    workers()
+    pid = int(wait_for_line(events, "pid ").split()[1])
+    paused = wait_for_line(events, "paused save.committed ").split()[-1]
+    # Where the kill lands: the third commit is the newest checkpoint, nothing after it.
+    step = step_from_checkpoint(paused)
+    assert step == 6
+    assert step_from_checkpoint(get_checkpoints(str(save_dir))[-1]) == step
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
 
-        with get_client(sync_client=True) as client:
-            crashed = final(client, run_id, "the killed run, Crashed")
-            assert crashed.state is not None and crashed.state.name == "Crashed", crashed.state
-            resumed = the_restart(client, run_id)
-            check_resumed(client, crashed, resumed, save_dir, step, took_over_lock=True)
-            # The dead attempt's epoch task said Running: now Crashed, naming its resumer.
-            ghosts = crashed_task_run_messages(client, crashed)
-            assert ghosts and all(resumed.name in m for m in ghosts), ghosts
-            Timeline(
-                "flow-run process SIGKILLed", _marks(client, killed, crashed, resumed)
-            ).report()
-    finally:
-        kill_tree(worker)
+    with get_client(sync_client=True) as client:
+        crashed = final(client, run_id, "the killed run, Crashed")
+        assert crashed.state is not None and crashed.state.name == "Crashed", crashed.state
+        resumed = the_restart(client, run_id)
+        check_resumed(client, crashed, resumed, save_dir, step, took_over_lock=True)
+        # The dead attempt's epoch task said Running: now Crashed, naming its resumer.
+        ghosts = crashed_task_run_messages(client, crashed)
+        assert ghosts and all(resumed.name in m for m in ghosts), ghosts
+        Timeline("flow-run process SIGKILLed", _marks(client, killed, crashed, resumed)).report()
     assert_same_as_uninterrupted(save_dir, tmp_path)
 
 
 @pytest.mark.timeout(480)
 def test_preempted_run_ends_preempted_and_resumes(
-    deployed: dict[str, str], prefect_api: PrefectServer, tmp_path: Path
+    deployed: dict[str, str], workers: StartWorker, prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     save_dir = tmp_path / "run"
     events = tmp_path / "events.log"
     run_id = start_train(deployed, save_dir, hook_env(events))
-    worker = start_worker(deployed, tmp_path / "worker-cwd", tmp_path / "worker.log")
-    try:
-        pid = int(wait_for_line(events, "pid ").split()[1])
-        wait_for_line(events, f"event save.committed {save_dir}/4")
-        killed = time.time()
-        os.kill(pid, signal.SIGTERM)  # after the reported commit of step 4, mid-training
+    workers()
+    pid = int(wait_for_line(events, "pid ").split()[1])
+    wait_for_line(events, f"event save.committed {save_dir}/4")
+    killed = time.time()
+    os.kill(pid, signal.SIGTERM)  # after the reported commit of step 4, mid-training
 
-        with get_client(sync_client=True) as client:
-            preempted = final(client, run_id, "the preempted run, final")
-            state = preempted.state
-            assert state is not None
-            assert (state.type, state.name) == (StateType.CRASHED, "Preempted"), state
-            # Where its checkpoint is: the step the process wrote on the signal, committed.
-            assert state.message is not None and state.message.startswith("Preempted by SIGTERM")
-            stopped_at = int(state.message.split("step ")[1].split()[0])
-            assert stopped_at >= 4
-            assert step_from_checkpoint(get_checkpoints(str(save_dir))[-1]) == stopped_at
-            assert f"is committed in {save_dir}" in state.message
-            resumed = the_restart(client, run_id)
-            check_resumed(client, preempted, resumed, save_dir, stopped_at, took_over_lock=False)
-            Timeline("SIGTERM (preempted)", _marks(client, killed, preempted, resumed)).report()
-    finally:
-        kill_tree(worker)
+    with get_client(sync_client=True) as client:
+        preempted = final(client, run_id, "the preempted run, final")
+        state = preempted.state
+        assert state is not None
+        assert (state.type, state.name) == (StateType.CRASHED, "Preempted"), state
+        # Where its checkpoint is: the step the process wrote on the signal, committed.
+        assert state.message is not None and state.message.startswith("Preempted by SIGTERM")
+        stopped_at = int(state.message.split("step ")[1].split()[0])
+        assert stopped_at >= 4
+        assert step_from_checkpoint(get_checkpoints(str(save_dir))[-1]) == stopped_at
+        assert f"is committed in {save_dir}" in state.message
+        resumed = the_restart(client, run_id)
+        check_resumed(client, preempted, resumed, save_dir, stopped_at, took_over_lock=False)
+        Timeline("SIGTERM (preempted)", _marks(client, killed, preempted, resumed)).report()
     assert_same_as_uninterrupted(save_dir, tmp_path)
 
 
 @pytest.mark.timeout(480)
 def test_cancelled_run_ends_cancelled_and_is_not_resumed(
-    deployed: dict[str, str], prefect_api: PrefectServer, tmp_path: Path
+    deployed: dict[str, str], workers: StartWorker, prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     """A cancellation reaches the process as the worker's SIGTERM, like a preemption: the run
     must end Cancelled (its step checkpointed), and nothing may start it again."""
@@ -319,64 +330,58 @@ def test_cancelled_run_ends_cancelled_and_is_not_resumed(
     run_id = start_train(
         deployed, save_dir, hook_env(events, slow="save.started:0.5"), steps_per_epoch=20
     )
-    worker = start_worker(deployed, tmp_path / "worker-cwd", tmp_path / "worker.log")
-    try:
-        wait_for_line(events, f"event save.committed {save_dir}/4")
-        prefect(["flow-run", "cancel", str(run_id)], deployed)  # as a person would
-        with get_client(sync_client=True) as client:
-            cancelled = final(client, run_id, "the cancelled run, final")
-            state = cancelled.state
-            assert state is not None and state.type == StateType.CANCELLED, state
-            assert state.message is not None and "is committed in" in state.message, state
-            stopped_at = int(state.message.split("step ")[1].split()[0])
-            assert step_from_checkpoint(get_checkpoints(str(save_dir))[-1]) == stopped_at
-            # Absence has no event to await: the resume automation acts within a second of a
-            # Crashed event (the tests above: 0.4-2.9 s); ten seconds without a restart.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                assert not restarts_of(client, run_id)
-                time.sleep(0.5)
-    finally:
-        kill_tree(worker)
+    workers()
+    wait_for_line(events, f"event save.committed {save_dir}/4")
+    prefect(["flow-run", "cancel", str(run_id)], deployed)  # as a person would
+    with get_client(sync_client=True) as client:
+        cancelled = final(client, run_id, "the cancelled run, final")
+        state = cancelled.state
+        assert state is not None and state.type == StateType.CANCELLED, state
+        assert state.message is not None and "is committed in" in state.message, state
+        stopped_at = int(state.message.split("step ")[1].split()[0])
+        assert step_from_checkpoint(get_checkpoints(str(save_dir))[-1]) == stopped_at
+        # Absence has no event to await: the resume automation acts within a second of a
+        # Crashed event (the tests above: 0.4-2.9 s); ten seconds without a restart.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert not restarts_of(client, run_id)
+            time.sleep(0.5)
 
 
 @pytest.mark.timeout(600)
 def test_lost_worker_run_is_marked_crashed_and_resumed_once_a_worker_is_back(
-    deployed: dict[str, str], prefect_api: PrefectServer, tmp_path: Path
+    deployed: dict[str, str], workers: StartWorker, prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     save_dir = tmp_path / "run"
     events = tmp_path / "events.log"
     run_id = start_train(deployed, save_dir, hook_env(events, pause="save.committed:2"))
-    worker = start_worker(deployed, tmp_path / "worker-cwd", tmp_path / "worker.log")
-    try:
-        wait_for_line(events, "paused save.committed ")
-        step = step_from_checkpoint(get_checkpoints(str(save_dir))[-1])
-        killed = time.time()
-        kill_tree(worker)  # the machine is gone: worker and flow-run process, no report
-        with get_client(sync_client=True) as client:
-            assert client.read_flow_run(run_id).state.type == StateType.RUNNING  # type: ignore[union-attr]
-            crashed = final(client, run_id, "the silent run, marked Crashed", limit_s=240)
-            state = crashed.state
-            assert state is not None and state.type == StateType.CRASHED, state
-            assert state.message is not None and state.message.startswith("No heartbeat for 90 s")
-            # 90 s after its last heartbeat (≤ 30 s before the kill), plus the automation's
-            # evaluation: a bound, not a benchmark.
-            assert since(killed, state.timestamp) < HEARTBEAT_TIMEOUT_S + 60
-            worker = start_worker(deployed, tmp_path / "worker-cwd", tmp_path / "worker2.log")
-            back = time.time()
-            resumed = the_restart(client, run_id)
-            check_resumed(client, crashed, resumed, save_dir, step, took_over_lock=True)
-            marks = _marks(client, killed, crashed, resumed)
-            marks["worker back"] = back - killed
-            Timeline("worker and flow-run process SIGKILLed", marks).report()
-    finally:
-        kill_tree(worker)
+    worker = workers()
+    wait_for_line(events, "paused save.committed ")
+    step = step_from_checkpoint(get_checkpoints(str(save_dir))[-1])
+    killed = time.time()
+    kill_tree(worker)  # the machine is gone: worker and flow-run process, no report
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.type == StateType.RUNNING  # type: ignore[union-attr]
+        crashed = final(client, run_id, "the silent run, marked Crashed", limit_s=240)
+        state = crashed.state
+        assert state is not None and state.type == StateType.CRASHED, state
+        assert state.message is not None and state.message.startswith("No heartbeat for 90 s")
+        # 90 s after its last heartbeat (≤ 30 s before the kill), plus the automation's
+        # evaluation: a bound, not a benchmark.
+        assert since(killed, state.timestamp) < HEARTBEAT_TIMEOUT_S + 60
+        workers()  # a worker is back
+        back = time.time()
+        resumed = the_restart(client, run_id)
+        check_resumed(client, crashed, resumed, save_dir, step, took_over_lock=True)
+        marks = _marks(client, killed, crashed, resumed)
+        marks["worker back"] = back - killed
+        Timeline("worker and flow-run process SIGKILLed", marks).report()
     assert_same_as_uninterrupted(save_dir, tmp_path)
 
 
 @pytest.mark.timeout(600)
 def test_run_dying_at_every_start_stops_after_max_restarts(
-    deployed: dict[str, str], prefect_api: PrefectServer, tmp_path: Path
+    deployed: dict[str, str], workers: StartWorker, prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     """A copy of the train deployment whose runs SIGKILL themselves at their first save."""
     save_dir = tmp_path / "run"
@@ -401,29 +406,26 @@ def test_run_dying_at_every_start_stops_after_max_restarts(
             tags=train.tags,
         )
         first = client.create_flow_run_from_deployment(deployment_id).id
-    worker = start_worker(deployed, tmp_path / "worker-cwd", tmp_path / "worker.log")
-    try:
-        with get_client(sync_client=True) as client:
-            lineage = [final(client, first, "the first run")]
-            while len(lineage) <= 4:
-                lineage.append(the_restart(client, lineage[-1].id))
-            states = [(r.state.type, r.state.name) for r in lineage if r.state]
-            assert states == [(StateType.CRASHED, "Crashed")] * 4 + [
-                (StateType.CANCELLED, "NotRestarted")
-            ], states
-            assert [(r.parameters.get("restart_of") or {}).get("number") for r in lineage] == [
-                None,
-                1,
-                2,
-                3,
-                4,
-            ]
-            last = lineage[-1].state
-            assert last is not None and last.message is not None
-            assert "3 automatic restarts (max_restarts=3)" in last.message
-            assert not restarts_of(client, lineage[-1].id)  # nothing resumes NotRestarted
-    finally:
-        kill_tree(worker)
+    workers()
+    with get_client(sync_client=True) as client:
+        lineage = [final(client, first, "the first run")]
+        while len(lineage) <= 4:
+            lineage.append(the_restart(client, lineage[-1].id))
+        states = [(r.state.type, r.state.name) for r in lineage if r.state]
+        assert states == [(StateType.CRASHED, "Crashed")] * 4 + [
+            (StateType.CANCELLED, "NotRestarted")
+        ], states
+        assert [(r.parameters.get("restart_of") or {}).get("number") for r in lineage] == [
+            None,
+            1,
+            2,
+            3,
+            4,
+        ]
+        last = lineage[-1].state
+        assert last is not None and last.message is not None
+        assert "3 automatic restarts (max_restarts=3)" in last.message
+        assert not restarts_of(client, lineage[-1].id)  # nothing resumes NotRestarted
     assert get_checkpoints(str(save_dir)) == []  # each start died before its first commit
 
 
@@ -443,5 +445,4 @@ def _marks(
         "restart created": since(killed, resumed.created),
         "resumed epoch started": since(killed, started),
         "restart finished": since(killed, resumed.end_time),
-        "now": datetime.now(UTC).timestamp() - killed,
     }
