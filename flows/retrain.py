@@ -29,10 +29,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.comparison import publish_comparison
 from flows.evaluate import DEFAULT_PARAMS as DEFAULT_EVAL
 from flows.evaluate import evaluate
 from flows.train import train
-from tasks.naming import artifact_key, experiment, flow_run_namer
+from tasks.naming import artifact_key
 from tml_checkpointing import get_checkpoint, join_url
 from tml_checkpointing.errors import (
     CheckpointError,
@@ -45,6 +46,7 @@ from tml_checkpointing.storage.faults import reading
 from tml_checkpointing.storage.filesystem import StorageOptions, replace_file, resolve
 from training.config import RunParams, TrainConfig, TrainOptions
 from training.evaluation import EvalParams
+from training.experiment import derived_experiment
 from training.run_info import RunConfigChangedError, find_run_info, reconcile_run_info
 from training.session import close_session
 from training.start import check_run_start
@@ -65,7 +67,26 @@ class Lineage(BaseModel):
 DEFAULT_RUN = RunParams()  # frozen: one shared default
 
 
-@flow(name="retrain", flow_run_name=flow_run_namer("retrain", "runs_dir", "run.epochs"))
+def retrain_run_name() -> str:
+    """``retrain · nightly-5e0b2f · 20261207T020000Z``: which runs root, and which dated run
+    (the ``run_name`` given, else the scheduled start), readable in the runs list."""
+    parameters = flow_run.parameters
+    runs_dir = str(parameters.get("runs_dir") or "?")
+    run = parameters.get("run")
+    options = (
+        run.get("storage_options")
+        if isinstance(run, dict)
+        else getattr(run, "storage_options", None)
+    )
+    try:
+        root = derived_experiment(runs_dir, options)
+    except CheckpointError:
+        root = runs_dir.rstrip("/").rsplit("/", 1)[-1]
+    name = parameters.get("run_name") or dated_run_name(flow_run.get_scheduled_start_time())
+    return f"retrain · {root} · {name}"
+
+
+@flow(name="retrain", flow_run_name=retrain_run_name)
 def retrain(
     runs_dir: str,
     run: RunParams = DEFAULT_RUN,
@@ -84,7 +105,7 @@ def retrain(
             ``validation``).
         eval_steps: Batches evaluated per partition (empty: the ``evaluate`` flow's default).
         run_name: Name of the new run's directory (default: the scheduled start, UTC, e.g.
-            ``2026-11-30T0200``); a rerun with the same name resumes that run.
+            ``20261130T020000Z``); a rerun with the same name resumes that run.
     """
     storage_options = run.storage_options
     logger = get_run_logger()
@@ -142,9 +163,15 @@ def retrain(
     write_lineage(lineage, storage_options)
     before = read_lineage(lineage.previous_run, storage_options) if lineage.previous_run else None
     create_markdown_artifact(
-        key=artifact_key("retrain-lineage", experiment(runs_dir)),
+        key=artifact_key("retrain-lineage", derived_experiment(runs_dir, storage_options)),
         markdown=lineage_markdown(lineage, before),
         description="Retraining lineage, and how this run compares with the previous one",
+    )
+    publish_comparison(
+        runs_dir,
+        storage_options,
+        key_name=derived_experiment(runs_dir, storage_options),
+        moment=f"after the retrain of {name}",
     )
     return lineage
 

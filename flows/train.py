@@ -26,11 +26,17 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.comparison import publish_comparison_around
 from flows.reporting import ThrottledReport
 from flows.restarts import begin_restart, preempted_state
 from flows.signals import exiting, stopping_exit_code
 from tasks.checkpoint_events import CheckpointAnnouncer
-from tasks.naming import artifact_key, experiment, flow_run_namer, tag_run_with_experiment
+from tasks.naming import (
+    artifact_key,
+    check_experiment_is_free,
+    flow_run_namer,
+    tag_run_with_experiment,
+)
 from tasks.training import train_epoch_task
 from tml_checkpointing import (
     CheckpointError,
@@ -45,6 +51,7 @@ from tml_checkpointing.storage.locking import WriterLock
 from training.config import RestartOf, TrainConfig, TrainOptions
 from training.determinism import set_deterministic
 from training.loop import EpochResult
+from training.run_info import experiment_of
 from training.session import close_session, get_session
 from training.start import check_run_start, record_run_start
 
@@ -69,7 +76,11 @@ class TrainResult(BaseModel):
 @flow(
     name="train",
     flow_run_name=flow_run_namer(
-        "train", "config.save_dir", "config.epochs", restart_parameter="restart_of"
+        "train",
+        "config.save_dir",
+        "config.epochs",
+        experiment_parameter="config.experiment",
+        restart_parameter="restart_of",
     ),
 )
 def train(
@@ -103,23 +114,35 @@ def train(
     if stop is not None:
         return cast(TrainResult, stop)
     options.check(config)
-    tag_run_with_experiment(config.save_dir)
+    experiment = experiment_of(config.save_dir, config.storage_options, config.experiment)
+    if config.experiment:  # a derived name cannot collide; a given one may
+        check_experiment_is_free(
+            experiment,
+            config.save_dir,
+            config.storage_options,
+            directory_parameter="config.save_dir",
+        )
+    tag_run_with_experiment(experiment)
     owner = f"train flow run {flow_run.get_name()} ({flow_run.get_id()})"
     try:
         # Everything that can refuse this start, before the first write (lock, run.json).
         check_run_start(config, allow_changed_config=options.allow_changed_config)
         if options.node_rank > 0:  # node 0's flow owns save_dir; this one lends its ranks
-            return run_training(config, options)
+            return run_training(config, options, experiment=experiment)
         # The run owns save_dir until it ends, evaluator wait included: a second run is refused.
         with WriterLock(config.save_dir, owner=owner, storage_options=config.storage_options):
-            result = run_training(config, options)
+            result = run_training(config, options, experiment=experiment)
             if config.wait_for_evaluators:
                 _wait_for_evaluators(result, config, options.evaluator_timeout)
     except PreemptedError as preempted:
         return cast(TrainResult, preempted_state(preempted, config))
     finally:
         close_session(config)  # a refused one-process start built its model to compare shapes
-    _publish(result)
+    _publish(result, experiment)
+    if options.node_rank == 0:
+        publish_comparison_around(
+            config.save_dir, config.storage_options, moment=f"after training {experiment}"
+        )
     return result
 
 
@@ -141,9 +164,11 @@ def _wait_for_evaluators(result: TrainResult, config: TrainConfig, timeout: floa
         logger.info("Evaluators finished on step %s: %s", result.final_step, waited.finished)
 
 
-def run_training(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -> TrainResult:
+def run_training(
+    config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS, *, experiment: str
+) -> TrainResult:
     """The flow's body (a plain function of the config, called inside the flow run, with the
-    writer lock held on node 0)."""
+    writer lock held on node 0); ``experiment`` keys its artifacts and events."""
     logger = get_run_logger()
     set_deterministic()
     # Checked again under the lock: another start may have recorded the run meanwhile.
@@ -151,17 +176,18 @@ def run_training(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -
     recorded = record_run_start(config, start) if options.node_rank == 0 else None
     resumed_from = start.resumed_from
     logger.info("Run %s: %s", config.save_dir, _start_description(config, resumed_from))
-    progress = _progress_artifact(config)
+    progress = _progress_artifact(config, experiment)
     results: list[EpochResult] = []
     epoch_task = train_epoch_task.with_options(retries=options.epoch_retries)
     session = get_session(config)  # with ranks: bookkeeping only, the model is theirs
     announcer = CheckpointAnnouncer(
         config.save_dir,
         lambda step: _describe_checkpoint(config, session.checkpoint_metrics, step),
+        experiment=experiment,
         after_step=step_from_checkpoint(resumed_from) if resumed_from else 0,
         storage_options=config.storage_options,
     )
-    report = ThrottledReport(config.save_dir, config.storage_options)
+    report = ThrottledReport(config.save_dir, config.storage_options, experiment)
     publishes = options.node_rank == 0  # node 0 owns save_dir and its artifacts
     try:
         with (
@@ -208,7 +234,7 @@ def run_training(config: TrainConfig, options: TrainOptions = DEFAULT_OPTIONS) -
     )
 
 
-def _progress_artifact(config: TrainConfig) -> UUID:
+def _progress_artifact(config: TrainConfig, experiment: str) -> UUID:
     """The run's progress artifact, created through Prefect's sync implementation.
 
     Prefect's artifact functions dispatch on the caller's context (``async_dispatch``): under
@@ -218,7 +244,7 @@ def _progress_artifact(config: TrainConfig) -> UUID:
     """
     artifact_id = create_progress_artifact(  # type: ignore[call-arg]  # _sync: see above
         progress=0.0,
-        key=artifact_key("train-progress", experiment(config.save_dir)),
+        key=artifact_key("train-progress", experiment),
         description=f"epochs of {config.save_dir}",
         _sync=True,
     )
@@ -258,9 +284,9 @@ def _catch_up(announcer: CheckpointAnnouncer) -> None:
         get_run_logger().warning("Checkpoint events not caught up: %s", error)
 
 
-def _publish(result: TrainResult) -> None:
+def _publish(result: TrainResult, experiment: str) -> None:
     create_table_artifact(
-        key=artifact_key("train-epochs", experiment(result.save_dir)),
+        key=artifact_key("train-epochs", experiment),
         table=[
             {
                 "epoch": r.epoch,
@@ -282,7 +308,7 @@ def _publish(result: TrainResult) -> None:
     if result.resumed_from and warm:
         started += f" (the run began with a {warm})"
     create_markdown_artifact(
-        key=artifact_key("train-summary", experiment(result.save_dir)),
+        key=artifact_key("train-summary", experiment),
         markdown=(
             f"# Training run `{result.save_dir}`\n\n"
             f"- resumed from: {started}\n"

@@ -35,7 +35,6 @@ from typing import Any
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from tasks.naming import experiment
 from tml_checkpointing import events, list_checkpoints, step_from_checkpoint
 from tml_checkpointing.storage.filesystem import parent_url
 
@@ -59,8 +58,9 @@ class CheckpointAnnouncer:
     """Emit the Prefect events of ``save_dir``'s checkpoints while the ``with`` block runs.
 
     ``describe(step)`` gives what a committed checkpoint's payload adds (epoch, training
-    metrics...); ``after_step``: checkpoints at or before it are older than this run and are
-    not announced by :meth:`catch_up`.
+    metrics...); ``experiment`` is the run's (:func:`training.run_info.experiment_of`): the
+    evaluate trigger passes it on; ``after_step``: checkpoints at or before it are older than
+    this run and are not announced by :meth:`catch_up`.
     """
 
     def __init__(
@@ -68,11 +68,12 @@ class CheckpointAnnouncer:
         save_dir: str,
         describe: Callable[[int], Mapping[str, Any]],
         *,
+        experiment: str,
         after_step: int = 0,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.save_dir = save_dir.rstrip("/")
-        self.experiment = experiment(save_dir)
+        self.experiment = experiment
         self._describe = describe
         self._after_step = after_step
         self._storage_options = storage_options

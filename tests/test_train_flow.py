@@ -12,6 +12,7 @@ from prefect.client.schemas.objects import TaskRun
 
 from flows.train import TrainResult, train
 from training.config import TrainConfig
+from training.experiment import derived_experiment
 
 from .conftest import PrefectServer
 from .training_helpers import assert_bit_identical, checkpoint_tensors, flow_params, plain_run
@@ -44,12 +45,13 @@ def test_train_then_rerun_skips_every_epoch(prefect_api: PrefectServer, tmp_path
     assert (again.epochs_run, again.epochs_skipped) == ([], [0, 1, 2])
     assert again.resumed_from == f"{save_dir}/12"
     runs = task_runs(flow_run_id)
-    assert sorted(runs) == ["epoch 0 · run", "epoch 1 · run", "epoch 2 · run"]
+    name = derived_experiment(save_dir)
+    assert sorted(runs) == [f"epoch {epoch} · {name}" for epoch in range(3)]
     assert {run.state.name for run in runs.values()} == {"Skipped"}
     assert all(run.state.is_completed() for run in runs.values())
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts() if a.key}
-    assert {"train-epochs-run", "train-summary-run", "train-progress-run"} <= keys
+    assert {f"train-epochs-{name}", f"train-summary-{name}", f"train-progress-{name}"} <= keys
 
 
 def test_injected_failure_is_retried_and_ends_bit_identical(
@@ -63,8 +65,9 @@ def test_injected_failure_is_retried_and_ends_bit_identical(
     )
     assert state.is_completed()
     runs = task_runs(flow_run_id)
-    assert runs["epoch 1 · run"].run_count == 2  # failed once at step 7, retried
-    assert runs["epoch 0 · run"].run_count == 1
+    name = derived_experiment(save_dir)
+    assert runs[f"epoch 1 · {name}"].run_count == 2  # failed once at step 7, retried
+    assert runs[f"epoch 0 · {name}"].run_count == 1
     assert_bit_identical(checkpoint_tensors(save_dir), checkpoint_tensors(reference.save_dir))
 
 

@@ -32,6 +32,8 @@ from tml_checkpointing.catalog.evaluation import done_marker_path
 from tml_checkpointing.errors import CheckpointError, InvalidPartitionNameError
 from tml_checkpointing.writing.incremental import DEFAULT_FULL_EVERY, MIN_CHAINED_BYTES
 
+from .experiment import check_experiment_name
+
 Group = Literal["identity", "checkpoints", "testing", "machines", "operations"]
 
 GROUP_TITLES: dict[Group, str] = {  # in the order shown (CLI help, docs)
@@ -235,7 +237,7 @@ class TrainConfig(RunParams):
     save_dir: str = Field(
         min_length=1,
         description="Checkpoint directory of the run, a local path or an fsspec URL "
-        "(s3://bucket/runs/exp1). Its last part names the run and its artifacts.",
+        "(s3://bucket/runs/exp1). Unless experiment is given, it names the run and its artifacts.",
         json_schema_extra=group("identity"),
     )
     initial_checkpoint: str | None = Field(
@@ -244,6 +246,19 @@ class TrainConfig(RunParams):
         "step count starts at 0.",
         json_schema_extra=group("identity"),
     )
+    experiment: str | None = Field(
+        default=None,
+        description="The name that keys the run's artifacts, run names, tags, events and "
+        "evaluation limits (lowercase letters, digits, dashes). Left out: save_dir's last part "
+        "plus a short hash of its full URL, so two directories never share one. A given name "
+        "is recorded in run.json; a resume may not change it.",
+        json_schema_extra=group("identity"),
+    )
+
+    @field_validator("experiment")
+    @classmethod
+    def _valid_experiment(cls, name: str | None) -> str | None:
+        return None if name is None else check_experiment_name(name)
 
     @model_validator(mode="after")
     def _initial_checkpoint_not_inside_save_dir(self) -> TrainConfig:

@@ -36,6 +36,7 @@ from .collective import any_rank, is_primary
 from .config import TrainConfig
 from .determinism import settle_vector_math
 from .session import TrainingSession
+from .step_losses import write_step_losses
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def train_epoch(
         log(f"epoch {epoch}: catching up from step {start} (fell back to step {resumed_from})")
     model, optimizer, snapshot = session.recipe.model, session.recipe.optimizer, session.snapshot
     model.train()
-    losses: list[float] = []
+    losses: list[float] = []  # of steps start, start + 1, ...: in memory until a save
     saved: dict[int, dict[str, float]] = {}  # this epoch's checkpoints and their metrics
     started = accounted = time.perf_counter()
 
@@ -140,12 +141,12 @@ def train_epoch(
         snapshot.save(last)
         snapshot.wait()
         if is_primary():
-            _record_metrics(session, saved)
+            _record_metrics(session, saved, losses)
             _apply_retention(session)
     except BaseException:
         _drain_pending_save(session)
         if is_primary():  # what this attempt committed before it failed keeps its metrics
-            _record_metrics(session, saved)
+            _record_metrics(session, saved, losses)
         raise
     session.synced_step = last
     seconds = time.perf_counter() - started
@@ -182,7 +183,8 @@ def _note_metrics(
     epoch_loss: float | None = None,
 ) -> None:
     """The training metrics of the checkpoint about to be saved at ``step``: the mean loss of
-    the steps since the previous save, and the attempt that trained them."""
+    the steps since the previous save, and the attempt that trained them (each of those steps'
+    own loss is written beside the checkpoint by :func:`_record_metrics`)."""
     interval = losses[sum(int(m["train_steps"]) for m in saved.values()) :]
     metrics = {
         "train_loss": sum(interval) / len(interval),
@@ -195,15 +197,26 @@ def _note_metrics(
     session.checkpoint_metrics[step] = metrics
 
 
-def _record_metrics(session: TrainingSession, saved: dict[int, dict[str, float]]) -> None:
+def _record_metrics(
+    session: TrainingSession, saved: dict[int, dict[str, float]], losses: list[float]
+) -> None:
     """Write each committed checkpoint's training metrics next to it (``metrics.json``, read
-    by tables and ``keep_best``). Informational: a failure is logged, training goes on; a save
-    that did not commit (its attempt failed) has no checkpoint to record them for."""
+    by tables and ``keep_best``) and the loss of each step it covers (``train_losses.json``,
+    for step-level curves): two small files per checkpoint, none per step. ``losses`` are
+    this attempt's, one per step up to the newest save. Informational: a failure is logged,
+    training goes on; a save that did not commit (its attempt failed) has no checkpoint to
+    record them for."""
     config = session.config
+    end = 0  # saves are noted in step order, each covering the steps after the one before
     for step, metrics in saved.items():
+        covered = int(metrics["train_steps"])
+        interval, end = losses[end : end + covered], end + covered
         checkpoint = join_url(config.save_dir, str(step))
         try:
             write_checkpoint_metrics(checkpoint, metrics, storage_options=config.storage_options)
+            write_step_losses(
+                checkpoint, step - covered + 1, interval, storage_options=config.storage_options
+            )
         except CheckpointNotFoundError:
             continue
         except CheckpointError as error:

@@ -30,6 +30,7 @@ from tml_checkpointing.storage.faults import reading, writing
 from tml_checkpointing.storage.filesystem import StorageOptions, replace_file, resolve
 
 from .config import TrainConfig
+from .experiment import chosen_experiment
 
 # Parameters that change what a run computes: a resume may not change them silently.
 TRAJECTORY_FIELDS = ("recipe", "seed", "batch_size", "steps_per_epoch", "lr", "world_size")
@@ -99,6 +100,9 @@ class RunInfo(BaseModel):
     epochs: int = Field(ge=1)
     final_step: int = Field(ge=1)
     segments: list[RunSegment] = Field(min_length=1)
+    experiment: str | None = Field(
+        default=None, description="the name the user gave (training.experiment); none: derived"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -117,6 +121,7 @@ class RunInfo(BaseModel):
             epochs=config.epochs,
             final_step=config.final_step,
             segments=[RunSegment.of(config, from_step=1)],
+            experiment=config.experiment,
         )
 
     @property
@@ -155,10 +160,14 @@ def reconcile_run_info(
     Pure (no I/O), so a start can decide everything before it writes anything.
     ``resume_step`` is the step of the checkpoint the run resumes from (0: none yet). Raises
     :class:`RunConfigChangedError` when a trajectory parameter differs from the current
-    segment (or ``epochs`` would shrink) and ``allow_changed_config`` is off.
+    segment (or ``epochs`` would shrink) and ``allow_changed_config`` is off, and
+    :class:`~training.experiment.ExperimentMismatchError` when ``config.experiment`` is not the
+    recorded one (never allowed: every key of the run would change).
     """
     if stored is None:
         return RunInfo.of(config)
+    chosen_experiment(config.save_dir, config.experiment, stored.experiment)
+    names_it = config.experiment is not None and stored.experiment is None
     current = stored.current
     changes: dict[str, tuple[Any, Any]] = {
         name: (getattr(current, name), getattr(config, name))
@@ -175,11 +184,18 @@ def reconcile_run_info(
         raise RunConfigChangedError(_refusal(config.save_dir, changes, stored), changes)
     trajectory = [name for name in changes if name != "epochs"]
     if not trajectory and config.final_step <= stored.final_step and not shrinks:
+        if names_it:  # a run from before experiments had names is given one
+            return stored.model_copy(update={"experiment": config.experiment})
         return None  # same run, nothing new to record
     segments = list(stored.segments)
     if trajectory:
         segments.append(RunSegment.of(config, from_step=resume_step + 1, changed=trajectory))
-    return RunInfo(epochs=config.epochs, final_step=config.final_step, segments=segments)
+    return RunInfo(
+        epochs=config.epochs,
+        final_step=config.final_step,
+        segments=segments,
+        experiment=stored.experiment or config.experiment,
+    )
 
 
 def _same(recorded: Any, requested: Any) -> bool:
@@ -224,6 +240,16 @@ def read_run_info(save_dir: str, storage_options: StorageOptions | None = None) 
             "train flow writes it when a run starts. Was this run trained with `tml train`?"
         )
     return info
+
+
+def experiment_of(
+    save_dir: str, storage_options: StorageOptions | None = None, given: str | None = None
+) -> str:
+    """The experiment of the run in ``save_dir``: ``given`` (checked against ``run.json``),
+    the name ``run.json`` records, or the name derived from ``save_dir``
+    (:mod:`training.experiment`). Every key, tag, limit and event of the run uses it."""
+    info = find_run_info(save_dir, storage_options)
+    return chosen_experiment(save_dir, given, info.experiment if info else None, storage_options)
 
 
 def find_run_info(save_dir: str, storage_options: StorageOptions | None = None) -> RunInfo | None:

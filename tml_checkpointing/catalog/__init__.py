@@ -4,4 +4,6 @@
   "marker present and non-empty" lookup.
 - ``save_dir``: the guard that a directory is a save_dir, not a checkpoint or inside one.
 - ``evaluation``: done-markers, metrics files, ``wait_for_evaluators``.
+- ``best``: which checkpoint is a run's best (lowest ``validation/loss``), the one rule every
+  table marks.
 """

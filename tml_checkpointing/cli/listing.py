@@ -1,8 +1,11 @@
-"""``tml checkpoints list``: step, size, age, state and evaluators of each checkpoint.
+"""``tml checkpoints list``: step, size, age, state and evaluators of each checkpoint, and
+which one is the best (``★ best``: the lowest ``validation/loss``, by the rule of
+:mod:`tml_checkpointing.catalog.best` that the Prefect tables use too).
 
 ``--json`` lists the same entries as the table: each step, then each entry the table reports
 as ignored (``007``: not a canonical step name) with ``"state": "ignored"``, ``"step": null``
-and the reason in ``problems``.
+and the reason in ``problems``. Every row has ``"best"`` (``true`` on one committed
+checkpoint at most; all ``false`` when nothing evaluated a loss).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..catalog.best import BEST_MARK, best_metric, best_step
 from ..catalog.discovery import non_canonical_entries, scan_checkpoints
-from ..catalog.evaluation import evaluated_partitions
+from ..catalog.evaluation import evaluated_partitions, read_checkpoint_metrics
 from ..catalog.save_dir import assert_save_dir
 from ..errors import (
     CheckpointNotFoundError,
@@ -45,6 +49,7 @@ def checkpoints_list(args: argparse.Namespace) -> int:
     now = time.time()
     incomplete = {e.step: e for e in scan_incomplete(args.save_dir, now=now)}
     rows: list[dict[str, Any]] = []
+    metrics: dict[int, dict[str, float]] = {}  # committed steps: what evaluators recorded
     for entry in scan_checkpoints(args.save_dir):
         row: dict[str, Any] = {"step": entry.step, "path": entry.path, "committed": entry.committed}
         if entry.committed:
@@ -62,6 +67,7 @@ def checkpoints_list(args: argparse.Namespace) -> int:
             except CheckpointNotFoundError:  # pruned between the listing and now
                 row.update(state="incomplete", size=None, age_s=None, problems=[], chain=None)
             row["evaluated_by"] = evaluated_partitions(entry.path)
+            metrics[entry.step] = read_checkpoint_metrics(entry.path)
         else:
             stale: IncompleteCheckpoint | None = incomplete.get(entry.step)
             row.update(
@@ -73,6 +79,10 @@ def checkpoints_list(args: argparse.Namespace) -> int:
                 chain=None,
             )
         rows.append(row)
+    best = best_step(metrics)
+    for row in rows:
+        row["best"] = row["committed"] and row["step"] == best
+    metric = best_metric(name for recorded in metrics.values() for name in recorded)
 
     ignored = non_canonical_entries(args.save_dir)
     # --json holds what the table shows: an ignored entry is a row too (no step: its name is
@@ -80,8 +90,21 @@ def checkpoints_list(args: argparse.Namespace) -> int:
     listed = rows + [_ignored_row(path) for path in ignored]
 
     def render() -> None:
-        table = Table(title=f"checkpoints in {args.save_dir}")
-        columns = ("step", "state", "size", "logical", "chain", "age", "evaluated by", "path")
+        table = Table(
+            title=f"checkpoints in {args.save_dir}",
+            caption=f"{BEST_MARK}: lowest {metric}" if best is not None else None,
+        )
+        columns = (
+            "step",
+            "state",
+            "size",
+            "logical",
+            "chain",
+            "age",
+            "evaluated by",
+            "best",
+            "path",
+        )
         for column in columns:
             table.add_column(column, justify="right" if column in SIZE_COLUMNS else "left")
         colour = {"valid": "green", "unverified": "yellow", "corrupt": "bold red"}
@@ -95,6 +118,7 @@ def checkpoints_list(args: argparse.Namespace) -> int:
                 chain_text(row["chain"]),
                 format_age(row["age_s"]),
                 ", ".join(row["evaluated_by"]),
+                BEST_MARK if row["best"] else "",
                 row["path"],
             )
         Console().print(table)
@@ -125,6 +149,7 @@ def _ignored_row(path: str) -> dict[str, Any]:
         "problems": [_why_ignored(path)],
         "evaluated_by": [],
         "chain": None,
+        "best": False,
     }
 
 

@@ -20,6 +20,8 @@ makes a checkpoint committed, lose data silently. Everything that names a file i
         evaled_by/<partition>_DONE evaluator done-markers (added after commit)
         eval/<partition>.json      per-partition metrics (added after commit)
         metrics.json               metrics ranked by retention (added after commit)
+        train_losses.json          the training loss of each step since the previous
+                                   checkpoint (training.step_losses; added after commit)
       .writing.<step>.<hex>.tmp    a save claim being written (renamed into <step>/.writing)
       <step>.<reason>-<UTC time>/  a checkpoint moved aside (not a step name: ignored); a
                                    step whose marker is empty goes to <step>.torn-marker-<time>
@@ -50,6 +52,7 @@ SAVE_CLAIM = ".writing"
 EVALUATED_BY_DIR = "evaled_by"
 DONE_SUFFIX = "_DONE"
 METRICS_FILE = "metrics.json"
+STEP_LOSSES_FILE = "train_losses.json"
 PARTITION_METRICS_DIR = "eval"
 WRITER_LOCK = ".writer.lock"
 WRITER_LOCK_GUARD = ".writer.lock.guard"
@@ -129,11 +132,11 @@ def is_data_file(relative: str) -> bool:
     """Whether a file inside a checkpoint is data the integrity sidecar covers.
 
     Not data: the commit files (marker, its temporary names, the sidecar, the save claim) and
-    what evaluators add after commit (done-markers, metrics).
+    what training and evaluators add after commit (done-markers, metrics, step losses).
     """
     name = relative.lstrip("/")
     return not (
-        name in (COMMIT_MARKER, INTEGRITY_SIDECAR, METRICS_FILE, SAVE_CLAIM)
+        name in (COMMIT_MARKER, INTEGRITY_SIDECAR, METRICS_FILE, STEP_LOSSES_FILE, SAVE_CLAIM)
         or name.startswith(f"{COMMIT_MARKER}.")
         or name.startswith(f"{INTEGRITY_SIDECAR}.")
         or name.startswith(f"{SAVE_CLAIM}.")
