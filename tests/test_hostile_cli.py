@@ -112,6 +112,10 @@ BAD_INPUTS = {
         ["evaluate", "--save-dir", "{run}", "--partition", "../x"],
         "evaluation partition name must be a non-empty string without '/', got '../x'",
     ),
+    "experiment-name": (
+        ["train", "--save-dir", "{run}", "--experiment", "Exp 1"],
+        "experiment 'Exp 1' is not a valid name: use 1-48 lowercase letters, digits and dashes",
+    ),
 }
 
 
