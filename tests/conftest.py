@@ -357,6 +357,7 @@ _SLOW_MODULES = {
     "test_kill_resume",
     "test_signals",
     "test_deployment",
+    "test_deployment_postgres",
     "test_distributed",
     "test_ranks",
     "test_rank_kills",
@@ -389,6 +390,7 @@ _LONGEST_FIRST = (
     "test_signals",  # ~120 s
     "test_s3_faults",  # ~115 s
     "test_packaging",  # ~115 s
+    "test_deployment_postgres",  # ~95-110 s (idle or beside 2 busy loops, 2 cores)
     "test_cli",  # ~90 s
     "test_evaluate_retrain",  # ~90 s
     "test_s3",  # ~60 s
