@@ -363,7 +363,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not config.wait_for_run:  # a missing save_dir fails at once, before Prefect starts
         await_run(config)
     _prefect_ready()
-    summary = _run_flow(lambda: evaluate(config.save_dir, params))
+    summary = _run_flow(lambda: evaluate(config.save_dir, params, experiment=config.experiment))
     if args.json:
         print(json.dumps(summary.model_dump(exclude={"results"})), flush=True)
     else:

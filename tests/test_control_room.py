@@ -30,7 +30,7 @@ from prefect.events.worker import EventsWorker
 from flows.evaluate import EvalSummary, evaluate
 from flows.train import TrainResult, train
 from tasks.checkpoint_events import COMMITTED, CORRUPT, DELETED
-from tasks.evaluation import evaluation_limit_name, one_evaluation_at_a_time
+from tasks.eval_limits import evaluation_limit_name, evaluation_slot
 from tml_checkpointing import (
     get_checkpoints,
     is_done_eval,
@@ -38,7 +38,9 @@ from tml_checkpointing import (
     read_checkpoint_metrics,
 )
 from training.config import TrainConfig
-from training.evaluation import EvalConfig, EvalParams
+from training.evaluation import EvalParams
+from training.experiment import derived_experiment
+from training.run_info import experiment_of
 
 from .conftest import PrefectServer
 from .test_deployment import poll
@@ -102,7 +104,7 @@ def test_every_commit_deletion_and_corruption_is_a_prefect_event(
     for event in commits:
         step = event.payload["step"]
         assert event.resource.id == f"{save_dir}/{step}"
-        assert event.resource["tml.experiment"] == "exp-events"
+        assert event.resource["tml.experiment"] == derived_experiment(save_dir)
         assert (event.payload["epoch"], event.payload["mid_epoch"]) == (
             (step - 1) // 4,
             step % 4 != 0,
@@ -131,12 +133,13 @@ def test_checkpoint_table_loss_curve_retry_and_skipped_epochs(
     prefect_api: PrefectServer, tmp_path: Path
 ) -> None:
     save_dir = str(tmp_path / "exp-table")
+    exp = derived_experiment(save_dir)  # exp-table-<hash of the URL>
     state = train(
         TrainConfig(save_dir=save_dir, checkpoint_every_steps=2, fail_at_step=7, **SMALL),
         return_state=True,
     )
     first: TrainResult = state.result()
-    rows = table_rows("checkpoints-exp-table")
+    rows = table_rows(f"checkpoints-{exp}")
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert [r["kind"] for r in rows] == ["mid-epoch", "epoch end"] * 2
     assert [r["epoch"] for r in rows] == [0, 0, 1, 1]
@@ -148,13 +151,13 @@ def test_checkpoint_table_loss_curve_retry_and_skipped_epochs(
         assert row["MiB"] > 0
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
-    assert "experiment:exp-table" in run.tags
+    assert f"experiment:{exp}" in run.tags
 
-    epochs = table_rows("train-epochs-exp-table")
+    epochs = table_rows(f"train-epochs-{exp}")
     assert [(r["status"], r["attempt"]) for r in epochs] == [("trained", 1), ("trained", 2)]
-    assert latest_artifact("checkpoints-exp-table").description.startswith("After epoch 1: ")
+    assert latest_artifact(f"checkpoints-{exp}").description.startswith("After epoch 1: ")
 
-    curve = latest_artifact("loss-curve-exp-table").data
+    curve = latest_artifact(f"loss-curve-{exp}").data
     match = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)\)", curve)
     assert match, curve[:200]
     assert base64.b64decode(match.group(1)).startswith(b"\x89PNG\r\n\x1a\n")
@@ -164,7 +167,7 @@ def test_checkpoint_table_loss_curve_retry_and_skipped_epochs(
         save_dir, EvalParams(partition="validation", eval_steps=2), checkpoint=f"{save_dir}/4"
     )
     assert summary.evaluated == [2, 4, 6, 8]  # the trigger's checkpoint and every other pending
-    rows = {r["step"]: r for r in table_rows("checkpoints-exp-table")}
+    rows = {r["step"]: r for r in table_rows(f"checkpoints-{exp}")}
     for step in (2, 4, 6, 8):
         loss = read_checkpoint_metrics(f"{save_dir}/{step}", partition="validation")["loss"]
         assert rows[step]["validation/loss"] == pytest.approx(loss, abs=1e-5)
@@ -182,7 +185,7 @@ def test_warm_start_is_reported_as_a_warm_start(prefect_api: PrefectServer, tmp_
         TrainConfig(save_dir=save_dir, initial_checkpoint=base.checkpoint, **SMALL)
     )
     assert (warm.resumed_from, warm.initial_checkpoint) == ("", base.checkpoint)
-    summary = latest_artifact("train-summary-warm").data
+    summary = latest_artifact(f"train-summary-{derived_experiment(save_dir)}").data
     assert f"- resumed from: warm start from `{base.checkpoint}`" in summary
     assert "scratch" not in summary
 
@@ -193,7 +196,8 @@ def test_a_second_evaluator_waits_for_the_slot_then_finds_the_checkpoint_done(
     save_dir = str(tmp_path / "exp-once")
     train(TrainConfig(save_dir=save_dir, **{**SMALL, "epochs": 1}))
     (checkpoint,) = get_checkpoints(save_dir)
-    config = EvalConfig(save_dir=save_dir, partition="validation", eval_steps=2)
+    experiment = experiment_of(save_dir)
+    limit_name = evaluation_limit_name(experiment, "validation")
     outcome: dict[str, Any] = {}
 
     def second_evaluator() -> None:
@@ -202,12 +206,12 @@ def test_a_second_evaluator_waits_for_the_slot_then_finds_the_checkpoint_done(
         )
 
     # This test is the first evaluator: it holds the slot while the second one starts.
-    with one_evaluation_at_a_time(config):
+    with evaluation_slot(limit_name):
         # In this test's Prefect settings (a plain new thread would see none, and start a
         # temporary server of its own).
         thread = threading.Thread(target=contextvars.copy_context().run, args=(second_evaluator,))
         thread.start()
-        flow_run_name = "evaluate · exp-once · partition=validation · step 4"
+        flow_run_name = f"evaluate · {experiment} · partition=validation · step 4"
 
         def messages() -> list[str]:
             with get_client(sync_client=True) as client:
@@ -222,7 +226,7 @@ def test_a_second_evaluator_waits_for_the_slot_then_finds_the_checkpoint_done(
         # The second evaluator says it waits for the slot (evaluating nothing meanwhile)...
         poll(
             messages,
-            lambda found: any(m.startswith("Waiting for tml-eval-exp-once") for m in found),
+            lambda found: any(m.startswith(f"{limit_name} is held by another") for m in found),
             "the second evaluator waiting",
             limit_s=60,
         )
@@ -232,6 +236,6 @@ def test_a_second_evaluator_waits_for_the_slot_then_finds_the_checkpoint_done(
     assert not thread.is_alive()
     summary: EvalSummary = outcome["summary"]
     assert (summary.evaluated, summary.skipped) == ([], [4])
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(evaluation_limit_name(config))
-    assert (limit.limit, limit.active_slots) == (1, 0)
+    with get_client(sync_client=True) as client:  # released; or removed: the final step is done
+        limits = [lim for lim in client.read_global_concurrency_limits() if lim.name == limit_name]
+    assert [(lim.limit, lim.active_slots) for lim in limits] in ([], [(1, 0)])

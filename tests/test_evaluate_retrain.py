@@ -28,6 +28,7 @@ from tml_checkpointing import (
 from tml_checkpointing.format.layout import WRITER_LOCK as LOCK_NAME
 from training.config import RunParams, TrainConfig
 from training.evaluation import EvalParams
+from training.experiment import derived_experiment
 
 from .conftest import PrefectServer
 from .training_helpers import assert_bit_identical, checkpoint_tensors, flow_params, plain_run
@@ -107,12 +108,33 @@ def test_retrain_twice_warm_starts_from_the_previous_run(
     # The lineage artifact puts each metric beside the previous night's.
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_latest_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-lineage-runs"]))
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"retrain-lineage-{derived_experiment(runs_dir)}"])
+            )
         )
         (summary,) = client.read_latest_artifacts(
             artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["train-summary-20261129t020000z"])
+                key=ArtifactFilterKey(any_=[f"train-summary-{derived_experiment(second.run_dir)}"])
             )
+        )
+        # Both nights side by side: parameters, best checkpoint, evaluation losses.
+        (compared,) = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"compare-{derived_experiment(runs_dir)}"])
+            )
+        )
+    table = json.loads(compared.data) if isinstance(compared.data, str) else compared.data
+    by_run = {row["run"]: row for row in table}
+    assert set(by_run) == {"20261128T020000Z", "20261129T020000Z"}
+    for lineage, row in ((first, by_run["20261128T020000Z"]), (second, by_run["20261129T020000Z"])):
+        assert row["best step"] == 4 and row["best checkpoint"] == lineage.final_checkpoint
+        assert row["final eval loss"] == pytest.approx(
+            lineage.metrics["validation"]["loss"], abs=1e-5
+        )
+        assert (row["lr"], row["batch_size"], row["epochs"]) == (
+            params["run"].lr,
+            params["run"].batch_size,
+            1,
         )
     now, before = second.metrics["validation"]["loss"], first.metrics["validation"]["loss"]
     assert f"| validation/loss | {now:.4f} | {before:.4f} | {now - before:+.4f} |" in artifact.data

@@ -1,7 +1,11 @@
 """Evaluating one checkpoint on one partition, as a plain function (no Prefect inside).
 
-The model is rebuilt from the run's recipe (``run.json``: the segment that produced the
-checkpoint) and gets the checkpoint's weights only. Metrics go to
+The model is built from the run's recipe (``run.json``: the segment that produced the
+checkpoint) and gets the checkpoint's weights only. An evaluator that evaluates several
+checkpoints keeps it (:class:`LoadedModel`): building a model costs seconds (imports, a recipe's
+tables), restoring a checkpoint's weights into it a fraction of that, and every weight is
+overwritten by the restore, so a kept model gives the very metrics a fresh one would. It is
+rebuilt only when the checkpoint comes from another segment of the run. Metrics go to
 ``<checkpoint>/eval/<partition>.json`` (``write_checkpoint_metrics``, so ``keep_best`` can
 rank by ``"<partition>/<metric>"``), then the partition's done-marker is set: a checkpoint
 already marked is not evaluated again, so a restarted evaluator picks up exactly where it
@@ -15,9 +19,9 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from recipes.base import load_recipe
+from recipes.base import Recipe, load_recipe
 from tml_checkpointing import (
     CheckpointError,
     Snapshot,
@@ -32,7 +36,8 @@ from tml_checkpointing.catalog.save_dir import assert_save_dir
 from tml_checkpointing.storage.faults import reading
 from tml_checkpointing.storage.filesystem import invalidate_listing, resolve
 
-from .run_info import read_run_info
+from .experiment import check_experiment_name
+from .run_info import RunSegment, read_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,14 @@ class EvalParams(BaseModel):
         description="Wait (up to timeout) for a run to start in save_dir instead of failing at "
         "once when it does not exist yet.",
     )
+    follow_seconds: float = Field(
+        default=60,
+        ge=0,
+        description="An event-started evaluator, once nothing is pending, keeps its model "
+        "loaded and evaluates the run's new checkpoints as they are committed, until the "
+        "run's final step is evaluated or this many seconds pass with nothing new (0: stop "
+        "at once).",
+    )
     storage_options: dict[str, object] | None = Field(
         default=None, description="Options of the fsspec filesystem of save_dir."
     )
@@ -76,6 +89,17 @@ class EvalConfig(EvalParams):
         min_length=1,
         description="The training run's checkpoint directory (path or fsspec URL) to follow.",
     )
+    experiment: str | None = Field(
+        default=None,
+        description="The run's experiment name (training.experiment); left out: the one its "
+        "run.json records, else derived from save_dir. A name other than the recorded one is "
+        "refused.",
+    )
+
+    @field_validator("experiment")
+    @classmethod
+    def _valid_experiment(cls, name: str | None) -> str | None:
+        return None if name is None else check_experiment_name(name)
 
 
 class RunNotFoundError(CheckpointError, FileNotFoundError):
@@ -134,10 +158,44 @@ class EvalResult(BaseModel):
     metrics_path: str
 
 
+class LoadedModel:
+    """The model an evaluator keeps between checkpoints: built once per run segment.
+
+    ``builds`` counts the models built (what a person, or a test, checks to see that an
+    evaluator following a run did not rebuild its model for each checkpoint).
+    """
+
+    def __init__(self) -> None:
+        self.builds = 0
+        self._segment: RunSegment | None = None
+        self._recipe: Recipe | None = None
+
+    def for_segment(self, segment: RunSegment, log: Callable[[str], object]) -> Recipe:
+        """The recipe (model, eval data) of ``segment``: the kept one, or a new one when the
+        segment differs (a run resumed with changed parameters)."""
+        if self._recipe is None or self._segment != segment:
+            started = time.monotonic()
+            self._recipe = load_recipe(segment.recipe)(segment.recipe_params())
+            self._segment = segment
+            self.builds += 1
+            log(
+                f"Built the model of {segment.recipe} (segment from step {segment.from_step}) "
+                f"in {time.monotonic() - started:.2f}s; kept for the next checkpoints."
+            )
+        return self._recipe
+
+
 def evaluate_checkpoint(
-    config: EvalConfig, checkpoint: str, log: Callable[[str], object] = logger.info
+    config: EvalConfig,
+    checkpoint: str,
+    log: Callable[[str], object] = logger.info,
+    model: LoadedModel | None = None,
 ) -> EvalResult:
-    """Evaluate ``checkpoint`` on ``config.partition`` unless that is already done."""
+    """Evaluate ``checkpoint`` on ``config.partition`` unless that is already done.
+
+    ``model``: the evaluator's kept model (:class:`LoadedModel`); none: a model built for this
+    checkpoint alone.
+    """
     options = config.storage_options
     step = step_from_checkpoint(checkpoint)
     path = metrics_path(checkpoint, config.partition)
@@ -156,7 +214,7 @@ def evaluate_checkpoint(
     # The parameters that produced this checkpoint (a run resumed with a changed config has
     # several segments; see training.run_info).
     segment = read_run_info(config.save_dir, options).segment_for(step)
-    recipe = load_recipe(segment.recipe)(segment.recipe_params())
+    recipe = (model or LoadedModel()).for_segment(segment, log)
     Snapshot(config.save_dir, {"model": recipe.model}, storage_options=options).restore(
         checkpoint, keys=["model"]
     )
