@@ -43,7 +43,7 @@ def publish_comparison(
         create_table_artifact(
             key=artifact_key("compare", key_name),
             table=[run.as_table_row() for run in runs],
-            description=f"{moment.capitalize()}: the {len(runs)} runs under {runs_root} "
+            description=f"{moment.capitalize()}: {_runs(len(runs))} under {runs_root} "
             f"({names}): parameters, final and best evaluation loss, best checkpoint",
         )
         png = comparison_png(runs, title=f"{key_name}: loss by step, one colour per run")
@@ -71,3 +71,7 @@ def publish_comparison_around(
         get_run_logger().warning("No comparison around %s: %s", save_dir, error)
         return
     publish_comparison(root, storage_options, key_name=key_name, moment=moment)
+
+
+def _runs(count: int) -> str:
+    return "the one run" if count == 1 else f"the {count} runs"

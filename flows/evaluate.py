@@ -11,12 +11,13 @@ Two ways to run it:
   checkpoint in step order, none skipped between two polls) until the run's final checkpoint,
   or ``timeout`` seconds with nothing new.
 
-Why an event-started run follows instead of stopping (issue 20): each event started a fresh
+Why an event-started run follows instead of stopping: each event used to start a fresh
 process that imported torch and rebuilt the model (48-76 s from commit to metrics under a
 burst, 8 processes at once on 2 cores). Now the first run of a burst pays that once; each later
 commit of the run is evaluated by it as soon as the event arrives (a restore into the kept
-model, the evaluation and a new table version; no process start, no import, no model build), and the other runs the burst started find their checkpoint done -- or wait a few
-seconds for the follower to do it -- and end, saying which run evaluated it. How many of those
+model, the evaluation, a new table version: no process start, import or model build), and the
+other runs the burst started find their checkpoint done -- or wait a few seconds for the
+follower to do it -- and end, saying which run evaluated it. How many of those
 processes run at once is bounded by the deployment's ``concurrency_limit`` in ``prefect.yaml``
 (collision strategy ENQUEUE: a run over the limit waits; CANCEL_NEW could drop the run of the
 final checkpoint). A run waiting for its checkpoint does not wait for the follower to *end*
@@ -29,7 +30,8 @@ once the experiment's final checkpoint is evaluated). A ``save_dir`` that does n
 at once unless ``wait_for_run``.
 
 What a run did is in its name and final state message (``evaluate · exp · validation · steps
-5-30`` with an en dash, or ``... · nothing to do: step 5 was evaluated by <run>``); the
+5-30`` with an en dash, or ``... · nothing to do: step 5 was evaluated by "steps 5-30"``,
+the name of the run that did, less what both names share); the
 summary artifact ``eval-summary-<partition>-<exp>`` is rebuilt from storage by runs that
 evaluated something (:mod:`training.eval_status`), so its newest version is always right.
 """
@@ -258,8 +260,7 @@ def _started_by_event(run: _Run, trigger: str) -> EvalSummary:
     while True:
         if is_done_eval(trigger, config.partition, storage_options=options):
             who = who_evaluated(run.experiment, config.partition, step)
-            done_by = f"was evaluated by {who}" if who else "was already evaluated"
-            return _finish(run, f"nothing to do: step {step} {done_by}", skipped=[step], by=who)
+            return _finish(run, _done_by(run, step, who), skipped=[step], by=who)
         if not is_committed(trigger, options) and said_waiting:
             return _finish(run, f"nothing to do: step {step} is no longer committed")
         if not slot_is_taken(run.limit):
@@ -318,8 +319,18 @@ def _evaluate_and_follow(run: _Run, trigger: str) -> EvalSummary:
         return _finish(run, describe_steps(run.evaluated, _committed_steps(config)))
     step = step_from_checkpoint(trigger)
     who = who_evaluated(run.experiment, config.partition, step)
-    done_by = f"was evaluated by {who}" if who else "was already evaluated"
-    return _finish(run, f"nothing to do: step {step} {done_by}", skipped=[step], by=who)
+    return _finish(run, _done_by(run, step, who), skipped=[step], by=who)
+
+
+def _done_by(run: _Run, step: int, who: str | None) -> str:
+    """``nothing to do: step 5 was evaluated by "steps 5-30"``: the run that did it, by the
+    part of its name after what both names share (experiment and partition), so the runs list
+    shows it whole."""
+    if who is None:
+        return f"nothing to do: step {step} was already evaluated"
+    shared = f"evaluate · {run.experiment} · {run.config.partition} · "
+    shown = f'"{who.removeprefix(shared)}"' if who.startswith(shared) else who
+    return f"nothing to do: step {step} was evaluated by {shown}"
 
 
 def _follow_by_polling(run: _Run) -> EvalSummary:

@@ -50,7 +50,8 @@ first and last epochs only)."""
 class ThrottledReport:
     """The training run's publisher: the first :data:`ALWAYS_PUBLISHED_EPOCHS` epochs it
     trains, then after an epoch when ``REPORT_INTERVAL_S`` has passed since the previous
-    version, and at the end (:meth:`flush`) for an epoch not published yet.
+    version, and at the end (:meth:`flush`) for an epoch not published yet or evaluation
+    metrics that arrived since.
 
     Why throttled: a version costs a listing, a few reads per checkpoint, a PNG (~0.1 s) and
     two API calls; after every epoch of a run whose epochs take seconds that would double
@@ -82,9 +83,11 @@ class ThrottledReport:
         ):
             self.flush()
 
-    def flush(self) -> None:
-        """Publish now if an epoch was trained since the last version and the table changed."""
-        moment, self._pending = self._pending, None
+    def flush(self, moment: str | None = None) -> None:
+        """Publish now if an epoch was trained since the last version, or ``moment`` is given
+        (the end of the run: evaluations that finished while it trained), and the table
+        changed."""
+        moment, self._pending = self._pending or moment, None
         if moment is None:
             return
         rows = _rows(self.save_dir, self.storage_options)

@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.comparison import publish_comparison_around
-from flows.reporting import ThrottledReport
+from flows.reporting import ThrottledReport, publish_checkpoints
 from flows.restarts import begin_restart, preempted_state
 from flows.signals import exiting, stopping_exit_code
 from tasks.checkpoint_events import CheckpointAnnouncer
@@ -134,6 +134,12 @@ def train(
             result = run_training(config, options, experiment=experiment)
             if config.wait_for_evaluators:
                 _wait_for_evaluators(result, config, options.evaluator_timeout)
+                publish_checkpoints(  # the train run's own tab then holds their metrics too
+                    config.save_dir,
+                    config.storage_options,
+                    experiment=experiment,
+                    moment="after its evaluators",
+                )
     except PreemptedError as preempted:
         return cast(TrainResult, preempted_state(preempted, config))
     finally:
@@ -208,7 +214,7 @@ def run_training(
                     report.epoch_trained(epoch)
             if publishes:
                 _catch_up(announcer)
-                report.flush()
+                report.flush(moment="at the end of training")
     except PreemptedError as preempted:
         # Not a failure: no in-process retry starts on a machine that is going away; the
         # flow ends Preempted (flows.restarts) and the next run resumes from this checkpoint.

@@ -56,7 +56,8 @@ from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POOL = "tml-process"  # the work pool named in prefect.yaml
-EXPERIMENT = "ui-demo"  # last part of save_dir: names the run and its artifacts
+EXPERIMENT = "ui-demo"  # given to the first run (config.experiment): keys its artifacts
+SWEEP_RUN = "ui-demo-lr"  # a second run beside it, another learning rate, name derived
 # The run's save_dir appears in the pictures (artifact descriptions, events): a fixed, short
 # path keeps them readable and unchanged between reruns. Emptied before and after each run.
 DEMO_ROOT = Path(tempfile.gettempdir()) / "tml-screenshots"
@@ -69,6 +70,16 @@ TRAIN_PARAMETERS: dict[str, Any] = {
     "batch_size": 32,
     "checkpoint_every_steps": 5,
     "fail_at_step": 12,  # once: epoch 1 fails and its retry restores step 10
+    # The run waits for its evaluations: its own Artifacts tab then shows their metrics too.
+    "wait_for_evaluators": ["validation"],
+}
+SWEEP_PARAMETERS: dict[str, Any] = {  # the second run: the same, another lr, no failure
+    **{
+        k: v
+        for k, v in TRAIN_PARAMETERS.items()
+        if k not in ("fail_at_step", "wait_for_evaluators")
+    },
+    "lr": 0.02,
 }
 T = TypeVar("T")
 
@@ -169,20 +180,27 @@ def poll(read: Callable[[], T], done: Callable[[T], bool], what: str, limit_s: f
 class Api:
     url: str  # http://127.0.0.1:PORT/api
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, attempts: int = 5) -> Any:
+        """One API call; a 503 (SQLite busy under the run's own writes) is tried again after
+        a back-off, as Prefect's own client does."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"{self.url}{path}",
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:  # the server says what it refused
-            detail = error.read().decode(errors="replace")[:2000]
-            raise RuntimeError(f"{method} {path}: HTTP {error.code} {detail}") from error
+        for attempt in range(1, attempts + 1):
+            request = urllib.request.Request(
+                f"{self.url}{path}",
+                data=data,
+                method=method,
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.loads(response.read() or b"null")
+            except urllib.error.HTTPError as error:  # the server says what it refused
+                detail = error.read().decode(errors="replace")[:2000]
+                if error.code == 503 and attempt < attempts:
+                    time.sleep(attempt)  # back-off before retrying a busy server, not a wait
+                    continue
+                raise RuntimeError(f"{method} {path}: HTTP {error.code} {detail}") from error
+        raise AssertionError("unreachable")
 
     def healthy(self) -> bool:
         try:
@@ -201,6 +219,15 @@ class Api:
             {"flows": {"name": {"any_": [flow_name]}}, "sort": "START_TIME_DESC", "limit": 200},
         )
         return [r for r in runs if r["parameters"].get("save_dir") == save_dir]
+
+    def latest_artifact_like(self, prefix: str) -> dict[str, Any] | None:
+        """The newest artifact whose key starts with ``prefix`` (a derived name's hash)."""
+        found = self.call(
+            "POST",
+            "/artifacts/filter",
+            {"artifacts": {"key": {"like_": f"{prefix}%"}}, "sort": "CREATED_DESC", "limit": 1},
+        )
+        return found[0] if found else None
 
     def latest_artifact(self, key: str) -> dict[str, Any] | None:
         found = self.call(
@@ -466,54 +493,81 @@ def run(args: argparse.Namespace, tmp: Path, processes: Processes, started: floa
 
     shutil.rmtree(DEMO_ROOT, ignore_errors=True)
     save_dir = str(DEMO_ROOT / EXPERIMENT)
+    sweep_dir = str(DEMO_ROOT / SWEEP_RUN)
     train_deployment = api.call("GET", "/deployments/name/train/train")
-    train_run = api.call(
-        "POST",
-        f"/deployments/{train_deployment['id']}/create_flow_run",
-        # The flow's `config` (training.config.TrainConfig) replaces the deployment's whole;
-        # its `options` (epoch_retries) stay the deployment's.
-        {"parameters": {"config": {"save_dir": save_dir, **TRAIN_PARAMETERS}}},
-    )
-    train_id = str(train_run["id"])
-    print(f"train run {train_id} into {save_dir}")
-    train_run = poll(
-        lambda: api.flow_run(train_id),
-        lambda r: state_of(r) in FINAL_STATES or worker.poll() is not None,
-        "train run final",
+    # Two runs at the same time under one root: the comparison artifact puts them side by side.
+    # The flow's `config` (training.config.TrainConfig) replaces the deployment's whole; its
+    # `options` (epoch_retries) stay the deployment's.
+    train_ids = [
+        str(
+            api.call(
+                "POST",
+                f"/deployments/{train_deployment['id']}/create_flow_run",
+                {"parameters": {"config": config}},
+            )["id"]
+        )
+        for config in (
+            {"save_dir": save_dir, "experiment": EXPERIMENT, **TRAIN_PARAMETERS},
+            {"save_dir": sweep_dir, **SWEEP_PARAMETERS},
+        )
+    ]
+    train_id = train_ids[0]
+    print(f"train runs {train_ids} into {save_dir}, {sweep_dir}")
+    train_runs = poll(
+        lambda: [api.flow_run(i) for i in train_ids],
+        lambda runs: all(state_of(r) in FINAL_STATES for r in runs) or worker.poll() is not None,
+        "train runs final",
         args.train_timeout,
     )
-    if state_of(train_run) not in FINAL_STATES:
+    train_run = train_runs[0]
+    if any(state_of(r) not in FINAL_STATES for r in train_runs):
         raise RuntimeError(
-            f"train run {state_of(train_run) or 'not started'} after {args.train_timeout}s"
-            f" (worker exit {worker.poll()}):\n{tail(tmp / 'worker.log')}"
+            f"train runs {[state_of(r) or 'not started' for r in train_runs]} after "
+            f"{args.train_timeout}s (worker exit {worker.poll()}):\n{tail(tmp / 'worker.log')}"
         )
-    print(f"train run {state_of(train_run)}: {train_run['name']}")
+    print(f"train runs: {[(r['name'], state_of(r)) for r in train_runs]}")
     # Pictures of failed runs are still taken (to look at), but the script then fails.
     problems: dict[str, str] = {}
-    if state_of(train_run) != "COMPLETED":
-        problems["train run"] = f"ended {state_of(train_run)}, see {tmp / 'worker.log'}"
+    for finished in train_runs:
+        if state_of(finished) != "COMPLETED":
+            problems[f"train run {finished['name']}"] = f"ended {state_of(finished)}"
 
-    # The automation starts one evaluate run per committed checkpoint (its `checkpoint`
-    # parameter): done when each announced checkpoint has its run and every run is final.
-    # (The server stores events in batches: they are read again on each look.)
+    # The automation starts one evaluate run per committed checkpoint; the first evaluates
+    # what is pending and follows the run, the others find their checkpoint done. Done when
+    # every announced checkpoint has its metrics and every evaluate run is final.
+    def evaluations_settled() -> tuple[list[dict[str, Any]], set[str]]:
+        runs = api.flow_runs_of("evaluate", save_dir) + api.flow_runs_of("evaluate", sweep_dir)
+        committed = api.committed_checkpoints(save_dir) | api.committed_checkpoints(sweep_dir)
+        return runs, committed
+
     evaluations, committed = poll(
-        lambda: (api.flow_runs_of("evaluate", save_dir), api.committed_checkpoints(save_dir)),
+        evaluations_settled,
         lambda seen: (
             bool(seen[0])
             and all(state_of(r) in FINAL_STATES for r in seen[0])
-            and seen[1] <= {r["parameters"].get("checkpoint") for r in seen[0]}
+            and bool(seen[1])
+            and all((Path(c) / "eval" / "validation.json").exists() for c in seen[1])
         ),
         "evaluate runs final",
         args.evaluate_wait,
     )
     states = [state_of(r) or "?" for r in evaluations]
     print(
-        f"evaluate runs for {save_dir}: {len(evaluations)} {states or '(none seen)'}"
+        f"evaluate runs: {len(evaluations)} {states or '(none seen)'}"
         f" for {len(committed)} committed-checkpoint events"
     )
-
+    for evaluation in evaluations:
+        print(f"  {evaluation['name']}: {(evaluation.get('state') or {}).get('message')}")
     if any(state != "COMPLETED" for state in states):
         problems["evaluate runs"] = f"not all completed: {states}"
+    busiest = next(
+        (
+            r
+            for r in evaluations
+            if r["parameters"].get("save_dir") == save_dir and " steps " in f"{r['name']} "
+        ),
+        None,
+    )
 
     exp = EXPERIMENT
     keys = api.artifact_keys(train_id)
@@ -549,7 +603,32 @@ def run(args: argparse.Namespace, tmp: Path, processes: Processes, started: floa
         Shot("flow-runs", "/runs", str(train_run["name"]), full_page=True),
         Shot("events", events_path, "tml.checkpoint" if checkpoint_events else "Flow run"),
         Shot("train-run-form", train_form, "Checkpoint directory of the run"),
+        Shot("automations", "/automations", "tml: evaluate new checkpoints", full_page=True),
+        Shot("concurrency", "/concurrency-limits", "Global", full_page=True),
     ]
+    if busiest is not None:
+        shots.append(
+            Shot(
+                "evaluate-run-logs",
+                f"/runs/flow-run/{busiest['id']}",
+                str(busiest["name"]),
+                prepare=click_tab("logs"),
+            )
+        )
+    else:
+        problems["evaluate-run-logs"] = "no evaluate run of the first run evaluated anything"
+    for name, prefix, extra in (
+        ("compare-artifact", "compare-tml-screenshots-", table_filled),
+        ("compare-curves-artifact", "compare-curves-tml-screenshots-", images_decoded),
+    ):
+        artifact = api.latest_artifact_like(prefix)
+        if artifact is None:
+            problems[name] = f"no artifact with a key starting {prefix!r}"
+            continue
+        shots.append(
+            Shot(name, f"/artifacts/artifact/{artifact['id']}", artifact["key"], None, extra)
+        )
+
     for name, key, ready, extra in (
         ("checkpoints-artifact", f"checkpoints-{exp}", f"checkpoints-{exp}", table_filled),
         ("loss-curve-artifact", f"loss-curve-{exp}", f"loss-curve-{exp}", images_decoded),

@@ -374,7 +374,7 @@ def check_event_started_evaluations(
     (evaluator,) = [r for r in runs if r.name == prefix + "steps 2\u20134"]
     (other,) = [r for r in runs if r is not evaluator]
     step = other.parameters["checkpoint"].rsplit("/", 1)[-1]
-    said = f"nothing to do: step {step} was evaluated by {prefix}step"
+    said = f'nothing to do: step {step} was evaluated by "step'  # "steps 2-4" or "step 2"
     assert other.name.startswith(prefix + said), other.name  # its name when it was asked
     assert other.state is not None and other.state.message == other.name.removeprefix(
         f"evaluate · {experiment} · "

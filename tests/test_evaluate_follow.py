@@ -128,7 +128,10 @@ def test_a_burst_one_run_evaluates_all_the_next_says_who(
 
     second = evaluate(save_dir, QUICK, checkpoint=f"{save_dir}/6", return_state=True)
     nothing: EvalSummary = second.result()
-    said = f"nothing to do: step 6 was evaluated by {flow_run_name(first)}"
+    shared = f"evaluate · {experiment} · validation · "
+    assert flow_run_name(first).startswith(shared)
+    by = flow_run_name(first).removeprefix(shared)
+    said = f'nothing to do: step 6 was evaluated by "{by}"'
     assert second.message == f"validation · {said}"
     assert flow_run_name(second) == f"evaluate · {experiment} · validation · {said}"
     assert (nothing.evaluated, nothing.skipped, nothing.model_builds) == ([], [6], 0)

@@ -75,6 +75,18 @@ def test_evaluator_beside_training_evaluates_each_checkpoint_once(
     again = evaluate(save_dir, EvalParams(partition="validation", eval_steps=2, timeout=5))
     assert (again.evaluated, again.skipped) == ([], committed)
 
+    # The train run's own table, published once its evaluators finished, holds their metrics.
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"checkpoints-{derived_experiment(save_dir)}"])
+            )
+        )
+    (final,) = [v for v in versions if (v.description or "").startswith("After its evaluators")]
+    rows = json.loads(final.data) if isinstance(final.data, str) else final.data
+    assert [row["step"] for row in rows] == committed
+    assert all(row["validation/loss"] is not None for row in rows)
+
 
 def test_train_reports_evaluators_that_did_not_finish(
     prefect_api: PrefectServer, tmp_path: Path

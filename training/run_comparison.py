@@ -60,20 +60,22 @@ class ComparedRun(BaseModel):
         segment = self.info.current
         metric, best, final = self.metric, self.best, self.final
         trained = run_step_losses(self.rows)
+        # What a person compares first stays on screen: the run, the parameter most often
+        # varied, the losses; then the other parameters, then the paths.
         return {
             "run": self.run,
-            "recipe": segment.recipe,
             "lr": segment.lr,
-            "batch_size": segment.batch_size,
-            "seed": segment.seed,
-            "steps_per_epoch": segment.steps_per_epoch,
-            "world_size": segment.world_size,
-            "epochs": self.info.epochs,
-            "eval metric": metric,
-            "final eval loss": _value(final, metric),
             "best eval loss": _value(best, metric),
             "best step": None if best is None else best.step,
+            "final eval loss": _value(final, metric),
             "final train loss": round(trained[-1][1], 5) if trained else None,
+            "batch_size": segment.batch_size,
+            "epochs": self.info.epochs,
+            "steps_per_epoch": segment.steps_per_epoch,
+            "seed": segment.seed,
+            "world_size": segment.world_size,
+            "recipe": segment.recipe,
+            "eval metric": metric,
             "checkpoints": len(self.rows),
             "best checkpoint": None if best is None else best.path,
             "save_dir": self.save_dir,
