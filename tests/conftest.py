@@ -165,19 +165,14 @@ class PrefectServer:
         return {**os.environ, "PREFECT_API_URL": self.api_url}
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+@contextlib.contextmanager
+def started_prefect_server(settings: dict[str, str], log_path: Path) -> Iterator[PrefectServer]:
+    """``prefect server start`` on a free loopback port with ``settings`` in its environment
+    (a database URL...), its output in ``log_path``; its whole process group killed at the
+    end, whatever happens."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    log_path = tmp_path_factory.mktemp("prefect") / "server.log"
-    env = {
-        **os.environ,
-        "PREFECT_UI_API_URL": api_url,
-        "PREFECT_SERVER_UI_ENABLED": "true",
-        # The scheduler service creates a cron deployment's runs on its loop (60 s by default);
-        # the deployment test waits for them, so loop often.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-    }
+    env = {**os.environ, "PREFECT_UI_API_URL": api_url, **settings}
     env.pop("PREFECT_API_URL", None)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -202,8 +197,24 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         _wait_until_healthy(f"{api_url}/health", process, log_path)
         yield PrefectServer(api_url=api_url, process=process)
     finally:
-        _drain_prefect_workers()
         _stop_group(process)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    settings = {
+        "PREFECT_SERVER_UI_ENABLED": "true",
+        # The scheduler service creates a cron deployment's runs on its loop (60 s by default);
+        # the deployment test waits for them, so loop often.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    }
+    with started_prefect_server(
+        settings, tmp_path_factory.mktemp("prefect") / "server.log"
+    ) as server:
+        try:
+            yield server
+        finally:
+            _drain_prefect_workers()
 
 
 def _drain_prefect_workers() -> None:

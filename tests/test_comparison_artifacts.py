@@ -16,7 +16,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
-    ArtifactFilterKey,
 )
 
 from flows.comparison import publish_comparison
@@ -26,6 +25,7 @@ from training.loop import train_epoch
 from training.session import close_session, get_session
 
 from .conftest import PrefectServer
+from .helpers.artifacts import latest_artifact, table_rows
 from .test_run_comparison import evaluate, recorded_run
 
 
@@ -36,20 +36,6 @@ def artifacts_of(run_id: UUID, key: str) -> list[Any]:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
     return sorted((a for a in found if a.key == key), key=lambda a: a.created)
-
-
-def latest_artifact(key: str) -> Any:
-    with get_client(sync_client=True) as client:
-        found = client.read_latest_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-        )
-    assert found, f"no artifact {key}"
-    return found[0]
-
-
-def table_rows(key: str) -> list[dict[str, Any]]:
-    data = latest_artifact(key).data
-    return json.loads(data) if isinstance(data, str) else data
 
 
 def png_of(markdown: str) -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import contextvars
-import json
 import re
 import threading
 from collections.abc import Callable
@@ -16,8 +15,6 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterName,
     LogFilter,
@@ -43,6 +40,7 @@ from training.experiment import derived_experiment
 from training.run_info import experiment_of
 
 from .conftest import PrefectServer
+from .helpers.artifacts import latest_artifact, table_rows
 from .test_deployment import poll
 
 SMALL: dict[str, Any] = {"epochs": 2, "steps_per_epoch": 4, "batch_size": 32, "seed": 5}
@@ -66,20 +64,6 @@ def checkpoint_events(save_dir: str, done: Callable[[list[Any]], bool]) -> list[
 
 def named(name: str, found: list[Any]) -> list[Any]:
     return sorted((e for e in found if e.event == name), key=lambda e: e.payload["step"])
-
-
-def latest_artifact(key: str) -> Any:
-    with get_client(sync_client=True) as client:
-        found = client.read_latest_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-        )
-    assert found, f"no artifact {key}"
-    return found[0]
-
-
-def table_rows(key: str) -> list[dict[str, Any]]:
-    data = latest_artifact(key).data
-    return json.loads(data) if isinstance(data, str) else data
 
 
 def test_every_commit_deletion_and_corruption_is_a_prefect_event(

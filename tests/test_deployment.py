@@ -260,25 +260,9 @@ def check_deployed_runs(flow_run_id: UUID, save_dir: Path, worker_log: Path) -> 
         return worker_log.read_text()[-5000:]
 
     with get_client(sync_client=True) as client:
-        run: FlowRun = poll(
-            lambda: client.read_flow_run(flow_run_id),
-            lambda r: r.state is not None and r.state.is_final(),
-            "train flow run final",
-            limit_s=180,
-        )
-        assert run.state is not None
-        assert run.state.type == StateType.COMPLETED, f"{run.state!r}\n{worker_output()}"
-        assert run.parameters["config"]["save_dir"] == str(save_dir)
+        run = check_train_run(client, flow_run_id, save_dir, worker_log)
         # Flow retries set by the deployment's job variables reached the flow run.
         assert run.empirical_policy.retries == 1
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-        experiment = experiment_of(str(save_dir))
-        assert {f"train-epochs-{experiment}", f"train-summary-{experiment}"} <= {
-            a.key for a in artifacts if a.key
-        }
-        assert run.name.startswith(f"train · {experiment} · epochs="), run.name
 
         deployments = {
             name: client.read_deployment_by_name(name)

@@ -30,7 +30,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,12 +39,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import (
-    PrefectServer,
-    _stop_group,
-    _wait_until_healthy,
-    free_port,
-)
+from tests.conftest import PrefectServer, free_port, started_prefect_server
 
 PG_SUPERUSER = "tml"
 PG_DATABASE = "prefect"
@@ -277,41 +271,14 @@ def _stop_postgres(process: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def prefect_server_on(database: PostgresServer, log_path: Path) -> Iterator[PrefectServer]:
     """``prefect server start`` on a free loopback port with its state in ``database``; its
-    output (uvicorn and every server service) to ``log_path``. Same shape and lifetime rules
-    as the session's SQLite-backed server in tests/conftest.py."""
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
+    output (uvicorn and every server service) to ``log_path``; started and stopped as the
+    session's SQLite-backed server in tests/conftest.py."""
+    settings = {
         "PREFECT_API_DATABASE_CONNECTION_URL": database.url(),
-        "PREFECT_UI_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
-    env.pop("PREFECT_API_URL", None)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--analytics-off",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its uvicorn children share the group: one killpg ends all
-        )
-    try:
-        _wait_until_healthy(f"{api_url}/health", process, log_path)
-        yield PrefectServer(api_url=api_url, process=process)
-    finally:
-        _stop_group(process)
+    with started_prefect_server(settings, log_path) as server:
+        yield server
 
 
 # What a server log must not contain: Prefect logs failed requests and service errors at
