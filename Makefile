@@ -78,6 +78,8 @@ bench: $(STAMP)
 	  > benchmarks/results/fast.json
 	$(BIN)/python benchmarks/bench_s3.py --json > benchmarks/results/s3.json
 	$(BIN)/python benchmarks/bench_incremental.py --json > benchmarks/results/incremental.json
+	$(BIN)/python benchmarks/bench_eval_latency.py --query-seconds 2 --json \
+	  > benchmarks/results/eval_latency.json
 
 # ~3 minutes: the writer-process and incremental benchmarks on small states (edit-measure loop).
 bench-quick: $(STAMP)
