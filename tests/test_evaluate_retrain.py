@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -115,6 +116,9 @@ def test_retrain_twice_warm_starts_from_the_previous_run(
 
     second: Lineage = retrain(runs_dir=runs_dir, run_name="20261129T020000Z", **params)
     assert second.previous_run == f"{runs_dir}/20261128T020000Z"
+    with get_client(sync_client=True) as client:  # readable in the runs list
+        named = client.read_flow_run(UUID(str(second.flow_run_id))).name
+    assert named == f"retrain · {derived_experiment(runs_dir)} · 20261129T020000Z"
     assert second.warm_start_checkpoint == first.final_checkpoint
     assert read_lineage(second.run_dir) == second  # recorded next to the run
     # The lineage artifact puts each metric beside the previous night's.
