@@ -10,12 +10,12 @@ root's. A failure to publish is logged, never raised: artifacts must not fail a 
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
+from flows.reporting import publish_png
 from tasks.naming import artifact_key
 from tml_checkpointing import CheckpointError
 from tml_checkpointing.storage.filesystem import parent_url
@@ -46,11 +46,10 @@ def publish_comparison(
             description=f"{moment.capitalize()}: {_runs(len(runs))} under {runs_root} "
             f"({names}): parameters, final and best evaluation loss, best checkpoint",
         )
-        png = comparison_png(runs, title=f"{key_name}: loss by step, one colour per run")
-        encoded = base64.b64encode(png).decode("ascii")
-        create_markdown_artifact(
-            key=artifact_key("compare-curves", key_name),
-            markdown=f"![losses of the runs under {runs_root}](data:image/png;base64,{encoded})\n",
+        publish_png(
+            artifact_key("compare-curves", key_name),
+            comparison_png(runs, title=f"{key_name}: loss by step, one colour per run"),
+            alt=f"losses of the runs under {runs_root}",
             description=f"{moment.capitalize()}: train loss by step (lines) and evaluation losses "
             f"at checkpoints (points) of the runs under {runs_root}: {names}",
         )

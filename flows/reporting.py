@@ -104,13 +104,23 @@ def publish_loss_curve(
     """The curve as a markdown artifact with the PNG inline (a ``data:`` URL): Prefect's UI
     shows it on the artifact page, with nothing to host (an image artifact would also print
     its whole URL under the picture)."""
-    png = loss_curve_png(rows, title=f"{experiment}: loss by step")
-    encoded = base64.b64encode(png).decode("ascii")
-    create_markdown_artifact(
-        key=artifact_key("loss-curve", experiment),
-        markdown=f"![loss curve of {save_dir}](data:image/png;base64,{encoded})\n",
+    publish_png(
+        artifact_key("loss-curve", experiment),
+        loss_curve_png(rows, title=f"{experiment}: loss by step"),
+        alt=f"loss curve of {save_dir}",
         description=f"{moment.capitalize()}: {_holds(rows)}; train loss by step, evaluation "
         f"losses at checkpoints, {save_dir}",
+    )
+
+
+def publish_png(key: str, png: bytes, *, alt: str, description: str) -> None:
+    """A picture as a markdown artifact with the PNG inline (a ``data:`` URL): shown on the
+    artifact page with nothing to host."""
+    encoded = base64.b64encode(png).decode("ascii")
+    create_markdown_artifact(
+        key=key,
+        markdown=f"![{alt}](data:image/png;base64,{encoded})\n",
+        description=description,
     )
 
 

@@ -24,6 +24,7 @@ from contextlib import ExitStack, contextmanager, suppress
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -46,32 +47,27 @@ def evaluation_limit_name(experiment: str, partition: str) -> str:
 
 def ensure_limit(name: str) -> None:
     """Create the limit (1 slot) unless it exists; two evaluators creating it at once is fine."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1)
-                )
+    if _read_limit(name) is None:
+        with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
 def limit_exists(name: str) -> bool:
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            return False
-    return True
+    return _read_limit(name) is not None
 
 
 def slot_is_taken(name: str) -> bool:
     """Whether someone holds the slot now (for saying so before waiting)."""
+    limit = _read_limit(name)
+    return bool(limit is not None and limit.active_slots)
+
+
+def _read_limit(name: str) -> GlobalConcurrencyLimitResponse | None:
     with get_client(sync_client=True) as client:
         try:
-            return bool(client.read_global_concurrency_limit_by_name(name).active_slots)
+            return client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            return False
+            return None
 
 
 def remove_limit(name: str) -> bool:
